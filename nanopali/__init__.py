@@ -1,0 +1,9 @@
+"""nanopali: PaliGemma and PaliGemma 2 in plain PyTorch."""
+from .checkpoint import CheckpointError, load, save_checkpoint
+from .config import PRESETS, PaliGemmaConfig, preset
+from .masking import PrefixLMMask
+from .model import PaliGemma
+from .processing import InputError, Processor
+
+__all__ = ["load", "save_checkpoint", "CheckpointError", "InputError", "PaliGemma", "PaliGemmaConfig",
+           "PRESETS", "preset", "PrefixLMMask", "Processor"]

@@ -1,0 +1,88 @@
+"""Scaled dot-product attention for both towers: one readable reference, and the dispatch to fast paths.
+
+Reference math (transformers `modeling_gemma2.eager_attention_forward`, big_vision `ppp/gemma.Attention`):
+    s = (q · kᵀ) · scale                    scale = query_pre_attn_scalar^-½ (Gemma 2), head_dim^-½ otherwise
+    s = c · tanh(s / c)                     Gemma 2 attention-logit soft-cap, c = 50 (PaliGemma 2 only)
+    s = s where allowed else -inf           prefix-LM mask (masking.py), sliding window on some layers
+    o = softmax(s in float32).to(dtype) · v
+
+GQA/MQA: N query heads share K key/value heads (G = N / K per group). The reference reshapes the
+queries into (K, G) groups and broadcasts K/V over G, so K/V are never copied.
+
+Implementations (`impl`):
+  "reference"  the plain PyTorch above; any mask, soft-cap, window, dtype, device.
+  "sdpa"       torch's scaled_dot_product_attention with a boolean mask: exact, but has no soft-cap.
+  "triton"     the fused flash-attention kernel in nanopali/kernels (CUDA, or TRITON_INTERPRET=1).
+  "auto"       triton on CUDA when importable, else sdpa when there is no soft-cap, else reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .masking import PrefixLMMask
+
+# Letters: B batch, N query heads, K key/value heads, G = N // K, T queries, S keys, H head dim.
+
+IMPLS = ("reference", "sdpa", "triton", "auto")
+
+
+def reference_attention(q, k, v, allowed, scale: float, softcap: float | None = None):
+    """q (B, N, T, H), k/v (B, K, S, H), allowed (B, 1, T, S) bool or None → (B, N, T, H)."""
+    B, N, T, H = q.shape
+    K = k.shape[1]
+    q = q.view(B, K, N // K, T, H)                                    # (B, K, G, T, H)
+    s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scale     # (B, K, G, T, S)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if allowed is not None:
+        s = s.masked_fill(~allowed.unsqueeze(1), float("-inf"))       # allowed (B, 1, 1, T, S)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    o = torch.matmul(p, v.unsqueeze(2))                               # (B, K, G, T, H)
+    return o.reshape(B, N, T, H)
+
+
+def sdpa_attention(q, k, v, allowed, scale: float):
+    """PyTorch SDPA; exact where there is no soft-cap. enable_gqa avoids repeating K/V."""
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+
+
+def _triton_available(device: torch.device) -> bool:
+    try:
+        from . import kernels  # noqa: F401
+    except ImportError:
+        return False
+    return kernels.is_supported(device)
+
+
+def resolve_impl(impl: str, device: torch.device, softcap: float | None) -> str:
+    """The implementation `auto` stands for on this device; others are returned as they are."""
+    if impl not in IMPLS:
+        raise ValueError(f"attn_impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if device.type == "cuda" and _triton_available(device):
+        return "triton"
+    return "reference" if softcap is not None else "sdpa"
+
+
+def attention(q, k, v, mask: PrefixLMMask | None, *, scale: float, softcap: float | None = None,
+              window: int | None = None, q_start: int = 0, impl: str = "reference"):
+    """Attention of queries at absolute indices q_start.. over keys 0..S-1 under `mask`.
+
+    mask None = full bidirectional attention (SigLIP). Returns (B, N, T, H)."""
+    impl = resolve_impl(impl, q.device, softcap)
+    T, S = q.shape[2], k.shape[2]
+    if impl == "triton":
+        from .kernels import flash_attention
+        if mask is None:
+            mask = PrefixLMMask.full(q.shape[0], S, q.device)
+        return flash_attention(q, k, v, mask.start, mask.prefix_end, scale=scale, softcap=softcap,
+                               window=window, q_start=q_start)
+    allowed = None if mask is None else mask.allowed(q_start, T, S, window)
+    if impl == "sdpa":
+        if softcap is not None:
+            raise ValueError("attn_impl='sdpa' cannot apply Gemma 2's attention soft-cap; use 'reference' or 'triton'")
+        return sdpa_attention(q, k, v, allowed, scale)
+    return reference_attention(q, k, v, allowed, scale, softcap)

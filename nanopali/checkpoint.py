@@ -1,0 +1,295 @@
+"""Loading and saving Hugging Face PaliGemma checkpoints, strictly (spec §5, §10).
+
+A checkpoint directory holds config.json, tokenizer.model and the weights as model.safetensors or
+shards listed in model.safetensors.index.json. Three key layouts are in circulation (spec §10):
+Google's hub files (`language_model.model.*`, `vision_tower.vision_model.*`), transformers' in-memory
+names (`model.language_model.*`, `lm_head.weight`), and what transformers 5 `save_pretrained` writes
+(`vision_tower.*` without `vision_model.`). All are canonicalised, then renamed to nanopali's modules
+by the table in `_RENAMES`: the one place that says which HF tensor is which of ours.
+
+Loading is strict: one error lists every missing, unexpected and mis-shaped tensor. The model is
+built on the meta device and each tensor is read from the file straight into its parameter, so peak
+RAM is the model plus one tensor (we read with plain file reads, not mmap, so that pages of the
+file are not also counted against the process). No pickle anywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+
+import torch
+import torch.nn as nn
+
+from .config import PaliGemmaConfig, from_hf_config, to_hf_config
+from .model import PaliGemma
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message names the file and the tensors."""
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """(tensor table, byte offset of the data) of a .safetensors file, validated against its size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {n} bytes)")
+        try:
+            table = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
+    table.pop("__metadata__", None)
+    for name, t in table.items():
+        b, e = t["data_offsets"]
+        if 8 + n + e > size:
+            raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {8 + n + e}, file has {size}")
+        if t["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {t['dtype']}")
+    return table, 8 + n
+
+
+def _read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
+    b, e = info["data_offsets"]
+    buf = torch.empty(e - b, dtype=torch.uint8)
+    f.seek(data_start + b)
+    f.readinto(buf.numpy())
+    return buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def weight_files(ckpt_dir: str) -> list[str]:
+    """The safetensors files of a checkpoint directory, from the shard index when there is one."""
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a valid shard index ({e})") from None
+        missing = [n for n in names if not os.path.isfile(os.path.join(ckpt_dir, n))]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are not in {ckpt_dir}: {', '.join(missing)}")
+        return [os.path.join(ckpt_dir, n) for n in names]
+    single = os.path.join(ckpt_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    if any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(ckpt_dir)):
+        raise CheckpointError(f"{ckpt_dir} holds only pickle weights (.bin/.pt); nanopali loads safetensors only")
+    raise CheckpointError(f"No model.safetensors or model.safetensors.index.json in {ckpt_dir}")
+
+
+# HF name (canonical hub layout, `vision_model.` dropped) → nanopali name. PaliGemma 1 calls its
+# pre-MLP norm `post_attention_layernorm`; Gemma 2 uses that name for the real post-attention norm.
+_RENAMES = [
+    (r"vision_tower\.embeddings\.patch_embedding\.", "vision_tower.patch_embed."),
+    (r"vision_tower\.embeddings\.position_embedding\.weight", "vision_tower.pos_embed"),
+    (r"vision_tower\.encoder\.layers\.(\d+)\.layer_norm([12])\.", r"vision_tower.blocks.\1.norm\2."),
+    (r"vision_tower\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"vision_tower.blocks.\1.attn.\2."),
+    (r"vision_tower\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"vision_tower.blocks.\1.attn.o."),
+    (r"vision_tower\.encoder\.layers\.(\d+)\.mlp\.(fc[12])\.", r"vision_tower.blocks.\1.mlp.\2."),
+    (r"vision_tower\.post_layernorm\.", "vision_tower.norm."),
+    (r"multi_modal_projector\.linear\.", "projector.linear."),
+    (r"language_model\.model\.embed_tokens\.weight", "language_model.embed.weight"),
+    (r"language_model\.model\.norm\.weight", "language_model.final_norm.weight"),
+    (r"language_model\.model\.layers\.(\d+)\.input_layernorm\.", r"language_model.layers.\1.pre_attn_norm."),
+    (r"language_model\.model\.layers\.(\d+)\.post_attention_layernorm\.", r"language_model.layers.\1.{post_attn}."),
+    (r"language_model\.model\.layers\.(\d+)\.pre_feedforward_layernorm\.", r"language_model.layers.\1.pre_ffw_norm."),
+    (r"language_model\.model\.layers\.(\d+)\.post_feedforward_layernorm\.", r"language_model.layers.\1.post_ffw_norm."),
+    (r"language_model\.model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.", r"language_model.layers.\1.attn.\2."),
+    (r"language_model\.model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.", r"language_model.layers.\1.mlp.\2."),
+]
+LM_HEAD = "language_model.lm_head.weight"  # tied to the embedding: checked, never stored twice
+
+
+def canonical_hf_name(key: str) -> str:
+    """Any of the three layouts → the hub layout without `vision_model.`."""
+    key = re.sub(r"^model\.language_model\.", "language_model.model.", key)
+    key = re.sub(r"^lm_head\.", "language_model.lm_head.", key)
+    key = re.sub(r"^model\.(vision_tower|multi_modal_projector)\.", r"\1.", key)
+    return key.replace("vision_tower.vision_model.", "vision_tower.")
+
+
+def hf_to_nanopali(key: str, generation: int) -> str | None:
+    key = canonical_hf_name(key)
+    for pattern, repl in _RENAMES:
+        m = re.fullmatch(pattern + r"(.*)", key)
+        if m:
+            name = m.expand(repl + r"\g<%d>" % (m.re.groups))
+            return name.replace("{post_attn}", "post_attn_norm" if generation == 2 else "pre_ffw_norm")
+    return None
+
+
+def hub_names(cfg: PaliGemmaConfig) -> list[str]:
+    """Every tensor name of a released checkpoint in Google's hub layout (603 for PaliGemma 1 3B,
+    727 for PaliGemma 2 3B: spec §5.1), lm_head excluded."""
+    v = "vision_tower.vision_model."
+    names = [v + "embeddings.patch_embedding.weight", v + "embeddings.patch_embedding.bias",
+             v + "embeddings.position_embedding.weight", v + "post_layernorm.weight", v + "post_layernorm.bias",
+             "multi_modal_projector.linear.weight", "multi_modal_projector.linear.bias",
+             "language_model.model.embed_tokens.weight", "language_model.model.norm.weight"]
+    for i in range(cfg.vision.depth):
+        for m in ("layer_norm1", "layer_norm2", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                  "self_attn.out_proj", "mlp.fc1", "mlp.fc2"):
+            names += [f"{v}encoder.layers.{i}.{m}.weight", f"{v}encoder.layers.{i}.{m}.bias"]
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if cfg.generation == 2:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    for i in range(cfg.text.depth):
+        for m in norms + [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]:
+            names.append(f"language_model.model.layers.{i}.{m}.weight")
+    return names
+
+
+def nanopali_names(cfg: PaliGemmaConfig) -> dict[str, str]:
+    """nanopali parameter name → hub name, for saving in the layout the released files use."""
+    return {hf_to_nanopali(k, cfg.generation): k for k in hub_names(cfg)}
+
+
+def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device) -> None:
+    """Fill a meta-device model from safetensors files, strictly, one tensor at a time."""
+    params = dict(model.named_parameters())
+    gen = model.cfg.generation
+    seen, unexpected, misshaped, head = set(), [], [], None
+    for path in files:
+        table, start = read_safetensors_header(path)
+        with open(path, "rb") as f:
+            for key, info in table.items():
+                if canonical_hf_name(key) == LM_HEAD:
+                    head = (path, info, start)
+                    continue
+                name = hf_to_nanopali(key, gen)
+                if name not in params:
+                    unexpected.append(key)
+                    continue
+                if tuple(info["shape"]) != tuple(params[name].shape):
+                    misshaped.append(f"{key}: expected {list(params[name].shape)}, found {info['shape']}")
+                    continue
+                if name in seen:
+                    unexpected.append(f"{key} (duplicate)")
+                    continue
+                _assign(model, name, _read_tensor(f, info, start).to(device=device, dtype=dtype))
+                seen.add(name)
+    missing = [n for n in params if n not in seen]
+    if missing or unexpected or misshaped:
+        parts = []
+        to_hf = nanopali_names(model.cfg)
+        for what, items in (("Missing", [to_hf.get(n, n) for n in missing]),
+                            ("Unexpected", unexpected), ("Mis-shaped", misshaped)):
+            if items:
+                parts.append(f"{what} {len(items)} tensor(s): " + ", ".join(items))
+        raise CheckpointError(f"Checkpoint {', '.join(files)} does not match the config:\n" + "\n".join(parts))
+    if head is not None:
+        path, info, start = head
+        with open(path, "rb") as f:
+            w = _read_tensor(f, info, start).to(device=device, dtype=dtype)
+        if w.shape != model.language_model.embed.weight.shape or not torch.equal(w, model.language_model.embed.weight):
+            raise CheckpointError(f"{path}: lm_head.weight differs from the token embedding; PaliGemma ties them")
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    mod._parameters[attr] = nn.Parameter(value, requires_grad=mod._parameters[attr].requires_grad)
+
+
+def save_checkpoint(model: PaliGemma, out_dir: str, tokenizer_path: str | None = None) -> None:
+    """Write config.json + model.safetensors (hub layout, no lm_head) atomically; copy the tokenizer."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    to_hf = nanopali_names(model.cfg)
+    tensors = {to_hf[n]: p.detach().contiguous().cpu() for n, p in model.named_parameters()}
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    cfg = json.dumps(to_hf_config(model.cfg), indent=2)
+    atomic_write(os.path.join(out_dir, "config.json"), lambda tmp: open(tmp, "w").write(cfg))
+    if tokenizer_path is not None and os.path.abspath(tokenizer_path) != os.path.abspath(
+            os.path.join(out_dir, "tokenizer.model")):
+        data = open(tokenizer_path, "rb").read()
+        atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda tmp: open(tmp, "wb").write(data))
+
+
+def atomic_write(path: str, write) -> None:
+    """write(tmp_path), fsync, then os.replace: a crash leaves the old file or the new, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_config(ckpt_dir: str) -> PaliGemmaConfig:
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"No config.json in {ckpt_dir}: not a Hugging Face checkpoint directory")
+    try:
+        with open(path) as f:
+            return from_hf_config(json.load(f))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"Unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+
+
+def resolve_device(device) -> torch.device:
+    try:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") \
+            else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {device!r} requested but this PyTorch sees no CUDA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"Unsupported device {device!r}; use 'cpu' or 'cuda'")
+    return dev
+
+
+def load(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto"):
+    """(model, processor) from a Hugging Face PaliGemma / PaliGemma 2 checkpoint directory."""
+    from .processing import Processor
+
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"Checkpoint path does not exist: {path}")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory (config.json, tokenizer.model, "
+                              "*.safetensors)")
+    cfg = read_config(path)
+    tok = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(tok):
+        raise CheckpointError(f"No tokenizer.model in {path} (the SentencePiece file of the checkpoint)")
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = PaliGemma(cfg)
+    load_state(model, files, dtype, device)
+    model.eval()
+    model.attn_impl = attn_impl
+    processor = Processor(tok, cfg.vision.image_size, cfg.num_image_tokens, cfg.image_token_id,
+                          cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
+    return model, processor

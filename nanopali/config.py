@@ -1,0 +1,161 @@
+"""PaliGemma configuration: one dataclass that holds the two towers' configs, and named presets.
+
+Every released variant has a preset: `pg1-3b-{224,448,896}` and `pg2-{3b,10b,28b}-{224,448,896}`
+(numbers: spec §1.2, PaliGemma 2 paper Table 1). `from_hf_config` reads a checkpoint's config.json,
+filling omitted fields with the defaults transformers fills (2024-era hub files omit every default).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .gemma import GemmaConfig
+from .vit import SigLIPConfig
+
+
+@dataclass(frozen=True)
+class PaliGemmaConfig:
+    vision: SigLIPConfig = field(default_factory=SigLIPConfig)
+    text: GemmaConfig = field(default_factory=GemmaConfig)
+    image_token_id: int = 257152   # `<image>`: not in tokenizer.model; = its vocab size (spec §3.1)
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: int = 1
+    position_base: int = 1
+    """RoPE index of the first real token. transformers: 1 (its forward and generate add 1);
+    big_vision: 0. RoPE is relative, so this only moves rounding (~1e-5 in fp32)."""
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches
+
+    @property
+    def generation(self) -> int:
+        return 2 if self.text.post_norms else 1
+
+
+_GEMMA2_COMMON = dict(post_norms=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096)
+
+
+def _gemma2(width, depth, mlp_dim, heads, kv_heads, head_dim, query_pre_attn_scalar):
+    return GemmaConfig(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, num_kv_heads=kv_heads,
+                       head_dim=head_dim, query_pre_attn_scalar=query_pre_attn_scalar,
+                       layer_types=_alternating(depth), **_GEMMA2_COMMON)
+
+
+def _alternating(depth: int) -> tuple[str, ...]:
+    """Gemma 2: sliding window on layers 0, 2, 4, ... (transformers' Gemma2Config default)."""
+    return tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(depth))
+
+
+_DECODERS = {
+    "pg1-3b": GemmaConfig(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1, head_dim=256),
+    "pg2-3b": _gemma2(2304, 26, 9216, 8, 4, 256, 256),
+    "pg2-10b": _gemma2(3584, 42, 14336, 16, 8, 256, 256),
+    # 28B: head_dim 128 but the scale is (D / N)^-½ = 144^-½ (spec §1.2, §7 #8).
+    "pg2-28b": _gemma2(4608, 46, 36864, 32, 16, 128, 144),
+}
+
+PRESETS: dict[str, PaliGemmaConfig] = {
+    f"{name}-{res}": PaliGemmaConfig(vision=SigLIPConfig(image_size=res), text=text)
+    for name, text in _DECODERS.items() for res in (224, 448, 896)
+}
+
+
+def preset(name: str) -> PaliGemmaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}. Known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _get(d: dict, *names, default=None):
+    for n in names:
+        if n in d:
+            return d[n]
+    return default
+
+
+def from_hf_config(cfg: dict) -> PaliGemmaConfig:
+    """A PaliGemmaConfig from a Hugging Face config.json dict (any writer: 2024 hub, transformers 4/5)."""
+    if cfg.get("model_type") != "paligemma":
+        raise ValueError(f"config.json has model_type {cfg.get('model_type')!r}; nanopali loads 'paligemma' "
+                         "(PaliGemma 1 and 2) checkpoints")
+    t = dict(cfg.get("text_config") or {})
+    v = dict(cfg.get("vision_config") or {})
+    kind = t.get("model_type", "gemma")
+    if kind not in ("gemma", "gemma2"):
+        raise ValueError(f"text_config.model_type {kind!r} is not supported (expected 'gemma' or 'gemma2')")
+    g2 = kind == "gemma2"
+    # transformers' defaults when a field is absent: GemmaConfig/Gemma2Config, or PaliGemmaConfig's
+    # own text defaults (the PaliGemma 1 3B decoder) when there is no text_config at all.
+    if g2:
+        base = replace(_DECODERS["pg2-3b"], vocab_size=256000)          # Gemma2Config()
+    elif t:
+        base = GemmaConfig(vocab_size=256000, width=3072, depth=28, mlp_dim=24576,  # GemmaConfig()
+                           num_heads=16, num_kv_heads=16)
+    else:
+        base = replace(_DECODERS["pg1-3b"], vocab_size=_get(cfg, "vocab_size", default=257152))
+    rope = t.get("rope_parameters") or {}
+    depth = _get(t, "num_hidden_layers", default=base.depth)
+    text = GemmaConfig(
+        vocab_size=_get(t, "vocab_size", default=base.vocab_size),
+        width=_get(t, "hidden_size", default=base.width),
+        depth=depth,
+        mlp_dim=_get(t, "intermediate_size", default=base.mlp_dim),
+        num_heads=_get(t, "num_attention_heads", default=base.num_heads),
+        num_kv_heads=_get(t, "num_key_value_heads", default=base.num_kv_heads),
+        head_dim=_get(t, "head_dim", default=256),
+        rms_norm_eps=_get(t, "rms_norm_eps", default=1e-6),
+        rope_theta=float(rope.get("rope_theta", _get(t, "rope_theta", default=10_000.0))),
+        post_norms=g2,
+        query_pre_attn_scalar=_get(t, "query_pre_attn_scalar", default=256) if g2 else None,
+        attn_softcap=_get(t, "attn_logit_softcapping", default=50.0) if g2 else None,
+        final_softcap=_get(t, "final_logit_softcapping", default=30.0) if g2 else None,
+        sliding_window=_get(t, "sliding_window", default=4096) if g2 else None,
+        layer_types=tuple(t.get("layer_types") or (_alternating(depth) if g2 else ())),
+    )
+    act = _get(t, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu"):  # transformers maps legacy "gelu" to the tanh form for Gemma
+        raise ValueError(f"text_config activation {act!r} is not Gemma's gelu_pytorch_tanh")
+    vision = SigLIPConfig(
+        width=_get(v, "hidden_size", default=1152),
+        depth=_get(v, "num_hidden_layers", default=27),
+        mlp_dim=_get(v, "intermediate_size", default=4304),
+        num_heads=_get(v, "num_attention_heads", default=16),
+        patch_size=_get(v, "patch_size", default=14),
+        image_size=_get(v, "image_size", default=224),
+        layer_norm_eps=_get(v, "layer_norm_eps", default=1e-6),
+    )
+    return PaliGemmaConfig(
+        vision=vision, text=text,
+        image_token_id=_get(cfg, "image_token_index", "image_token_id", default=257152),
+        pad_token_id=_get(cfg, "pad_token_id", default=_get(t, "pad_token_id", default=0)) or 0,
+        bos_token_id=_get(t, "bos_token_id", default=2),
+        eos_token_id=_get(t, "eos_token_id", default=1),
+    )
+
+
+def to_hf_config(c: PaliGemmaConfig) -> dict:
+    """The config.json transformers 5 writes for this model (used when nanopali saves a checkpoint)."""
+    t = c.text
+    text = dict(model_type="gemma2" if c.generation == 2 else "gemma", vocab_size=t.vocab_size,
+                hidden_size=t.width, num_hidden_layers=t.depth, intermediate_size=t.mlp_dim,
+                num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
+                rms_norm_eps=t.rms_norm_eps, rope_parameters={"rope_theta": t.rope_theta, "rope_type": "default"},
+                pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
+    if c.generation == 2:
+        text.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=t.query_pre_attn_scalar,
+                    attn_logit_softcapping=t.attn_softcap, final_logit_softcapping=t.final_softcap,
+                    sliding_window=t.sliding_window, layer_types=list(t.layer_types))
+    else:
+        text.update(hidden_act="gelu_pytorch_tanh")
+    v = c.vision
+    vision = dict(model_type="siglip_vision_model", hidden_size=v.width, num_hidden_layers=v.depth,
+                  intermediate_size=v.mlp_dim, num_attention_heads=v.num_heads, patch_size=v.patch_size,
+                  image_size=v.image_size, layer_norm_eps=v.layer_norm_eps, vision_use_head=False)
+    return dict(model_type="paligemma", architectures=["PaliGemmaForConditionalGeneration"],
+                text_config=text, vision_config=vision, image_token_index=c.image_token_id,
+                projection_dim=t.width, hidden_size=t.width, vocab_size=t.vocab_size,
+                pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
+
+
+__all__ = ["PaliGemmaConfig", "PRESETS", "preset", "from_hf_config", "to_hf_config", "replace"]

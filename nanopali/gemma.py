@@ -1,0 +1,166 @@
+"""The Gemma (PaliGemma 1) and Gemma 2 (PaliGemma 2) decoder (PaliGemma §3.1, PaliGemma 2 §2).
+
+Both are pre-norm decoders with RoPE, GeGLU MLPs, RMSNorm with (1 + w) weights, a √D-scaled
+embedding tied to the LM head. Gemma 2 adds (all switched by config fields, so one class serves both):
+  - a norm after attention and after the MLP as well as before (four norms per block);
+  - attention-logit soft-capping c·tanh(s/c), c = 50, and final-logit soft-capping, c = 30;
+  - attention scale query_pre_attn_scalar^-½ (= head_dim^-½ except the 28B: 144, spec §1.2);
+  - a 4096-token sliding window on even layers (transformers' `layer_types`; big_vision ignores it).
+References: transformers `modeling_gemma.GemmaDecoderLayer`, `modeling_gemma2.Gemma2DecoderLayer`;
+big_vision `models/ppp/gemma.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .masking import PrefixLMMask
+
+# Letters: B batch, T tokens, S keys, D width, N query heads, K kv heads, H head dim, F mlp dim, V vocab.
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    vocab_size: int = 257216
+    width: int = 2048                 # D
+    depth: int = 18                   # L
+    mlp_dim: int = 16384              # F
+    num_heads: int = 8                # N
+    num_kv_heads: int = 1             # K (1 = MQA)
+    head_dim: int = 256               # H
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0
+    # Gemma 2 only (None / False for Gemma 1):
+    post_norms: bool = False                  # the extra norm after attention and after the MLP
+    query_pre_attn_scalar: float | None = None  # None: scale by head_dim^-½
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()         # "sliding_attention" / "full_attention" per layer
+
+    def window(self, layer: int) -> int | None:
+        sliding = self.layer_types and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) · (1 + w), all in float32, then cast back (Gemma's order, not Llama's:
+    transformers PR #29402). w is stored as an offset from 1 and initialised to 0."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding, split-half form (rotate_half). x (B, N, T, H), positions (B, T).
+
+    Angles in float32; cos/sin cast to x's dtype before rotating, as transformers does (spec §7 #12)."""
+    H = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, H, 2, device=x.device, dtype=torch.float32) / H)  # (H/2,)
+    ang = positions.float()[..., None] * inv_freq                                 # (B, T, H/2)
+    ang = torch.cat((ang, ang), dim=-1)[:, None]                                  # (B, 1, T, H)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., : H // 2], x[..., H // 2:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
+        self.q = nn.Linear(D, N * H, bias=False)   # note N·H ≠ D in PaliGemma 2 (2048 vs 2304)
+        self.k = nn.Linear(D, K * H, bias=False)
+        self.v = nn.Linear(D, K * H, bias=False)
+        self.o = nn.Linear(N * H, D, bias=False)
+
+    def forward(self, x, mask: PrefixLMMask, positions, cache=None, q_start: int = 0, attn_impl: str = "auto"):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)       # (B, N, T, H)
+        k = self.k(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # (B, K, T, H)
+        v = self.v(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # (B, K, T, H)
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, q_start)                          # (B, K, S, H)
+        o = attention(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap,
+                      window=cfg.window(self.layer), q_start=q_start, impl=attn_impl)
+        return self.o(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) · up(x)); big_vision's gating_einsum[0] / [1] and linear."""
+
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.up = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.down = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer: int):
+        super().__init__()
+        D, eps = cfg.width, cfg.rms_norm_eps
+        self.pre_attn_norm = RMSNorm(D, eps)
+        self.attn = Attention(cfg, layer)
+        self.post_attn_norm = RMSNorm(D, eps) if cfg.post_norms else nn.Identity()
+        self.pre_ffw_norm = RMSNorm(D, eps)
+        self.mlp = MLP(cfg)
+        self.post_ffw_norm = RMSNorm(D, eps) if cfg.post_norms else nn.Identity()
+
+    def forward(self, x, mask, positions, cache=None, q_start=0, attn_impl="auto"):
+        x = x + self.post_attn_norm(self.attn(self.pre_attn_norm(x), mask, positions, cache, q_start, attn_impl))
+        return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+
+
+class Gemma(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
+        self.final_norm = RMSNorm(cfg.width, cfg.rms_norm_eps)
+        self.attn_impl = "auto"
+        self.gradient_checkpointing = False
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """E[ids] · √D, with √D rounded to the weight dtype first (45.25 in bf16 for D=2048) as both
+        references do."""
+        x = self.embed(ids)
+        return x * torch.tensor(self.cfg.width ** 0.5, dtype=x.dtype)
+
+    def forward(self, x, mask: PrefixLMMask, positions, cache=None, q_start: int = 0) -> torch.Tensor:
+        """x (B, T, D) embeddings → final-normed hidden states (B, T, D)."""
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, positions, None, q_start, self.attn_impl,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, mask, positions, cache, q_start, self.attn_impl)
+        return self.final_norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Tied LM head (h · Eᵀ) and Gemma 2's final soft-cap, in the model dtype as transformers does."""
+        y = F.linear(h, self.embed.weight)                                          # (..., V)
+        if self.cfg.final_softcap is not None:
+            y = torch.tanh(y / self.cfg.final_softcap) * self.cfg.final_softcap
+        return y

@@ -1,0 +1,85 @@
+"""PaliGemma: SigLIP image tokens + a Gemma decoder run as a prefix-LM (PaliGemma paper §3, Fig. 1).
+
+    image → SigLIP → projector → image tokens ┐
+    [<image>×P BOS prompt \\n suffix EOS] ids → embed·√D ┴→ one sequence → Gemma under the prefix-LM
+    mask → final norm → tied LM head → logits at the text positions
+
+The image tokens replace the `<image>` placeholder ids in order, as transformers' `masked_scatter`
+does (`PaliGemmaModel.get_placeholder_mask`), so one code path serves one or several images a row.
+Reference: transformers `PaliGemmaForConditionalGeneration`, big_vision `proj/paligemma/paligemma.Model`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .attention import resolve_impl
+from .config import PaliGemmaConfig
+from .gemma import Gemma
+from .masking import PrefixLMMask
+from .projector import Projector
+from .vit import SigLIP
+
+# Letters: B batch, T tokens, P image tokens per image, I images, D width, V vocab.
+
+
+class PaliGemma(nn.Module):
+    def __init__(self, cfg: PaliGemmaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = SigLIP(cfg.vision)
+        self.projector = Projector(cfg.vision.width, cfg.text.width)
+        self.language_model = Gemma(cfg.text)
+
+    @property
+    def attn_impl(self) -> str:
+        """The attention implementation the decoder runs on its device ("auto" resolved)."""
+        return resolve_impl(self.language_model.attn_impl, self.projector.linear.weight.device, self.cfg.text.attn_softcap)
+
+    @attn_impl.setter
+    def attn_impl(self, impl: str) -> None:
+        resolve_impl(impl, torch.device("cpu"), None)  # validates the name
+        self.vision_tower.attn_impl = self.language_model.attn_impl = impl
+
+    def set_gradient_checkpointing(self, on: bool = True) -> None:
+        self.vision_tower.gradient_checkpointing = self.language_model.gradient_checkpointing = on
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the projected image tokens in place of `<image>` ids: (B, T, D)."""
+        is_image = input_ids == self.cfg.image_token_id                               # (B, T)
+        # `<image>` may lie beyond the embedding table; its row is never used, so look up id 0.
+        x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))      # (B, T, D)
+        n = int(is_image.sum())
+        if n == 0:
+            return x
+        if pixel_values is None:
+            raise ValueError(f"input_ids hold {n} <image> tokens but no pixel_values were given")
+        feats = self.projector(self.vision_tower(pixel_values))                       # (I, P, D)
+        if feats.shape[0] * feats.shape[1] != n:
+            raise ValueError(f"{feats.shape[0]} images give {feats.shape[0] * feats.shape[1]} image tokens, "
+                             f"but input_ids hold {n} <image> placeholders")
+        x = x.clone() if x.requires_grad else x
+        x[is_image] = feats.reshape(-1, feats.shape[-1]).to(x.dtype)                  # not scaled by √D
+        return x
+
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
+                      cache=None) -> tuple[torch.Tensor, PrefixLMMask]:
+        """The decoder's final-normed hidden states (B, T, D) for a whole prompt, and its mask.
+
+        With a cache, keys/values are written to slots 0..T-1 (the prefill of generation)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = PrefixLMMask.from_batch(attention_mask, token_type_ids)
+        x = self.embed(input_ids, pixel_values)
+        h = self.language_model(x, mask, mask.positions(self.cfg.position_base), cache=cache, q_start=0)
+        return h, mask
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Logits (B, T_text, V) at the text positions (every position that is not an image token)."""
+        h, _ = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids)
+        is_text = input_ids != self.cfg.image_token_id
+        counts = is_text.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError("rows hold different numbers of text positions; pad them to one length")
+        h = h[is_text].view(h.shape[0], int(counts[0]), h.shape[-1])                  # (B, T_text, D)
+        return self.language_model.logits(h)

@@ -1,0 +1,159 @@
+"""Inputs: images → pixel values, text → token ids in PaliGemma's layout (PaliGemma paper §3.2).
+
+Image (spec §4, transformers `SiglipImageProcessorPil`): any PIL mode → RGB (transparency composited
+onto white) → squash to S×S with PIL bicubic on uint8 → ×1/255 (float64, then float32) → (x-0.5)/0.5.
+Text (spec §2.1, §10): [<image>]×P·n [BOS] sp(prompt + "\\n") | sp(suffix) [EOS], rows left-padded
+with <pad> (transformers' tokenizer pads on the left), token_type_ids 1 on suffix + EOS.
+The tokenizer is the checkpoint's own `tokenizer.model`, read with sentencepiece (no transformers).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+MAX_IMAGE_PIXELS = 100_000_000  # refuse larger images (PIL's own bomb limit is ~179 MP)
+
+
+class InputError(ValueError):
+    """Bad user input (image, prompt, argument), with a message naming what is wrong."""
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image from a path or a PIL image, with one clear error for every way it can be bad."""
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise InputError(f"Image file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                _check_size(im, path)
+                im.load()
+                return im.copy()
+        except Image.DecompressionBombError as e:
+            raise InputError(f"Image {path} is too large: {e}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise InputError(f"Cannot read {path} as an image ({type(e).__name__}: {e})") from None
+    if isinstance(image, Image.Image):
+        _check_size(image, "image")
+        return image
+    raise InputError(f"Expected a PIL image or a path, got {type(image).__name__}")
+
+
+def _check_size(im: Image.Image, name: str) -> None:
+    w, h = im.size
+    if w == 0 or h == 0:
+        raise InputError(f"{name} has zero size ({w}x{h})")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InputError(f"{name} is {w}x{h} = {w * h:,} pixels; the limit is {MAX_IMAGE_PIXELS:,}")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB as transformers' `convert_to_rgb`: alpha (RGBA, LA, P with transparency) over white.
+
+    16-bit and float greyscale (I;16, I, F) are first mapped to 8 bits by value/257 (PIL's own
+    convert would clip them at 255, turning most 16-bit images white)."""
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        a = a / 257.0 if a.max() > 255 else a
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if im.mode == "RGB":
+        return im
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def preprocess_image(image, size: int) -> torch.Tensor:
+    """(3, size, size) float32 in [-1, 1], bit-identical to transformers' PIL backend."""
+    im = to_rgb(load_image(image)).resize((size, size), resample=Image.Resampling.BICUBIC)
+    x = (np.asarray(im, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
+    x = (x - np.float32(0.5)) / np.float32(0.5)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+class Processor:
+    """Turns images and prompts into the tensors `PaliGemma.forward` takes, and ids back into text."""
+
+    def __init__(self, tokenizer_path: str, image_size: int, num_image_tokens: int, image_token_id: int,
+                 bos_id: int = 2, eos_id: int = 1, pad_id: int = 0):
+        import sentencepiece as spm
+
+        if not os.path.isfile(tokenizer_path):
+            raise InputError(f"Tokenizer file not found: {tokenizer_path}")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(tokenizer_path)
+        except (OSError, RuntimeError) as e:
+            raise InputError(f"{tokenizer_path} is not a SentencePiece model ({e})") from None
+        self.image_size, self.num_image_tokens = image_size, num_image_tokens
+        self.image_token_id, self.bos_id, self.eos_id, self.pad_id = image_token_id, bos_id, eos_id, pad_id
+        self.loc0 = self._first_id("<loc{:04d}>", 1024)
+        self.seg0 = self._first_id("<seg{:03d}>", 128)
+
+    def _first_id(self, fmt: str, count: int) -> int | None:
+        """Id of <loc0000> / <seg000>; None if the tokenizer lacks them. The rest must follow
+        consecutively (spec §3.1), which is what lets `loc_token_id` be an addition."""
+        first = self.sp.piece_to_id(fmt.format(0))
+        if first == self.sp.unk_id():
+            return None
+        if any(self.sp.piece_to_id(fmt.format(k)) != first + k for k in range(count)):
+            raise InputError(f"Tokenizer pieces {fmt.format(0)}..{fmt.format(count - 1)} are not consecutive ids")
+        return first
+
+    def loc_token_id(self, k: int) -> int:
+        return self.loc0 + k
+
+    def seg_token_id(self, k: int) -> int:
+        return self.seg0 + k
+
+    def prompt_ids(self, prompt: str, num_images: int = 1) -> list[int]:
+        return [self.image_token_id] * (self.num_image_tokens * num_images) + [self.bos_id] + \
+            self.sp.encode(prompt + "\n")
+
+    def suffix_ids(self, suffix: str) -> list[int]:
+        """No BOS, no dummy-prefix space, not glued to the "\\n" (spec §2.1: suffix "beach" → 54901)."""
+        return self.sp.encode(suffix) + [self.eos_id]
+
+    def __call__(self, images: Sequence, prompts: Sequence[str], suffixes: Sequence[str] | None = None,
+                 max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """images: one image (path or PIL) per prompt, or a list of images per prompt."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) != len(prompts):
+            raise InputError(f"Got {len(images)} images (or image lists) for {len(prompts)} prompts")
+        if suffixes is not None and len(suffixes) != len(prompts):
+            raise InputError(f"Got {len(suffixes)} suffixes for {len(prompts)} prompts")
+        rows, types, pixels = [], [], []
+        for i, (imgs, prompt) in enumerate(zip(images, prompts)):
+            imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+            if not isinstance(prompt, str):
+                raise InputError(f"Prompt {i} is a {type(prompt).__name__}, expected a string")
+            pixels += [preprocess_image(im, self.image_size) for im in imgs]
+            ids = self.prompt_ids(prompt, len(imgs))
+            suffix = self.suffix_ids(suffixes[i]) if suffixes is not None else []
+            if max_length is not None and len(ids) + len(suffix) > max_length:
+                raise InputError(f"Prompt {i} is {len(ids) + len(suffix)} tokens ({len(imgs)} image(s) × "
+                                 f"{self.num_image_tokens} + text); the limit is {max_length}")
+            rows.append(ids + suffix)
+            types.append([0] * len(ids) + [1] * len(suffix))
+        T = max(len(r) for r in rows)
+        pad = [T - len(r) for r in rows]
+        return {
+            "input_ids": torch.tensor([[self.pad_id] * p + r for p, r in zip(pad, rows)]),
+            "attention_mask": torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pad, rows)]),
+            "token_type_ids": torch.tensor([[0] * p + t for p, t in zip(pad, types)]),
+            "pixel_values": torch.stack(pixels),
+        }
+
+    def decode(self, ids) -> str:
+        """Text of generated ids, dropping <pad>/<bos>/<eos>/<image> (keeps <loc>/<seg>, as transformers)."""
+        ids = [int(i) for i in ids if int(i) not in (self.pad_id, self.bos_id, self.eos_id, self.image_token_id)]
+        return self.sp.decode(ids)
