@@ -1,0 +1,113 @@
+"""Autoregressive decoding with a static KV cache (PaliGemma paper §3.2: the suffix is generated).
+
+prefill:  the whole prompt [pads | image | BOS prompt \\n] runs once (SigLIP included) and fills the
+          cache slots 0..T-1; the logits of the last slot give the first new token.
+decode:   each step embeds one token per row, writes its K/V at slot T+t, attends to slots 0..T+t
+          under the same prefix-LM mask (a generated token is a causal suffix token), and computes
+          the 257k-wide LM head for that one position only.
+Rows are left-padded, so every row writes at the same slot and the step has fixed shapes.
+Positions continue per row from its own first real token (transformers: cumsum(attention_mask)).
+Sampling: temperature, then top-k, then top-p (transformers' warper order), seeded generator.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import StaticKVCache
+from .model import PaliGemma
+from .processing import InputError, Processor
+
+# Letters: B batch, T prompt length, V vocab.
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) → next ids (B,). temperature 0 = greedy (argmax, first index on ties)."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens strictly more likely already reach top_p (keeps at least one)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p):
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise InputError(f"temperature must be ≥ 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"top_k must be ≥ 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 max_len: int | None = None) -> list[list[int]]:
+    """New token ids per row, each ending at (and including) its first EOS if one came."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    lm, cfg = model.language_model, model.cfg
+    dev = model.projector.linear.weight.device
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    ids = batch["input_ids"]
+    B, T = ids.shape
+    max_len = max_len or T + max_new_tokens
+    if T + max_new_tokens > max_len:
+        raise InputError(f"The prompt is {T} tokens and {max_new_tokens} new tokens were asked for, "
+                         f"but the cache holds {max_len}")
+    dtype = lm.embed.weight.dtype
+    cache = StaticKVCache(cfg.text.depth, B, cfg.text.num_kv_heads, max_len, cfg.text.head_dim, dtype, dev)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=dev).manual_seed(seed)
+
+    h, mask = model.hidden_states(ids, batch.get("pixel_values"), batch.get("attention_mask"),
+                                  batch.get("token_type_ids"), cache=cache)
+    logits = lm.logits(h[:, -1])                                                    # (B, V)
+    mask = mask.extend(max_len - T)
+    out = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    steps = max_new_tokens
+    for t in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_k, top_p, generator)
+        tok = tok.masked_fill(done, cfg.pad_token_id)
+        out[:, t] = tok
+        done |= tok == cfg.eos_token_id
+        if bool(done.all()) or t == max_new_tokens - 1:
+            steps = t + 1
+            break
+        pos = (T + t - mask.start + cfg.position_base)[:, None]                    # (B, 1)
+        x = lm.embed_tokens(tok[:, None])                                           # (B, 1, D)
+        h = lm(x, mask, pos, cache=cache, q_start=T + t)
+        logits = lm.logits(h[:, -1])
+    rows = []
+    for row in out[:, :steps].tolist():
+        rows.append(row[: row.index(cfg.eos_token_id) + 1] if cfg.eos_token_id in row else row)
+    return rows
+
+
+def generate(model: PaliGemma, processor: Processor, images, prompts, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, return_ids: bool = False):
+    """Decoded answers, one string per prompt (one image, or a list of images, per prompt).
+
+    `prompts` may be one string for all images. With return_ids, (texts, new token ids) are returned."""
+    if isinstance(prompts, str):
+        prompts = [prompts] * (len(images) if isinstance(images, (list, tuple)) else 1)
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise InputError(f"Prompt {i} is empty: give a task prefix such as 'caption en' or 'detect cat'")
+    batch = processor(images=images, prompts=prompts)
+    ids = generate_ids(model, batch, max_new_tokens, temperature, top_k, top_p, seed)
+    texts = [processor.decode(r) for r in ids]
+    return (texts, ids) if return_ids else texts
