@@ -154,6 +154,11 @@ class Processor:
         }
 
     def decode(self, ids) -> str:
-        """Text of generated ids, dropping <pad>/<bos>/<eos>/<image> (keeps <loc>/<seg>, as transformers)."""
-        ids = [int(i) for i in ids if int(i) not in (self.pad_id, self.bos_id, self.eos_id, self.image_token_id)]
+        """Text of generated ids, dropping <pad>/<bos>/<eos>/<image> (keeps <loc>/<seg>, as transformers).
+
+        Ids past the tokenizer (`<image>` and the 64 padding rows of the 257216-row embedding, spec
+        §1.3) have no text and are dropped too; a sampled answer can contain them."""
+        special = (self.pad_id, self.bos_id, self.eos_id, self.image_token_id)
+        n = self.sp.get_piece_size()
+        ids = [int(i) for i in ids if int(i) not in special and 0 <= int(i) < n]
         return self.sp.decode(ids)

@@ -1,0 +1,75 @@
+"""`<loc>` answers → boxes on the original image, and drawing them (PaliGemma paper §3.2, spec §6.1).
+
+A detection answer is objects joined by " ; ", each `<locY1><locX1><locY2><locX2> label` — y before x,
+coordinates in 1024 bins of the (squashed, so aspect-free) image. Two decodings are in use:
+  divisor=1024 (default): pixel = round(bin / 1024 · side), as the Hugging Face blog and the
+                          big_vision-based Space do;
+  divisor=1023:           pixel = int(bin / 1023 · side), big_vision's evaluator (whose encoder
+                          rounds coord · 1023).
+They differ by at most 0.1 % of the side. Malformed or truncated objects are skipped, never fatal.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+_OBJECT = re.compile(r"((?:<loc\d{4}>){4})\s*([^;<]*)")
+_BIN = re.compile(r"<loc(\d{4})>")
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (250, 190, 190), (0, 128, 128)]
+
+
+@dataclass
+class Detection:
+    label: str
+    box: tuple[float, float, float, float]   # (x0, y0, x1, y1) in pixels of the original image
+    bins: tuple[int, int, int, int]          # (y0, x0, y1, x1) as the model wrote them
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "box": list(self.box), "bins": list(self.bins)}
+
+
+def bins_to_box(bins, width: int, height: int, divisor: int = 1024):
+    """(y0, x0, y1, x1) bins → (x0, y0, x1, y1) pixels."""
+    y0, x0, y1, x1 = bins
+    if divisor == 1024:
+        f = lambda b, side: round(b / 1024 * side)  # noqa: E731
+    elif divisor == 1023:
+        f = lambda b, side: int(b / 1023 * side)  # noqa: E731
+    else:
+        raise ValueError(f"divisor must be 1024 (HF blog) or 1023 (big_vision evaluator), got {divisor}")
+    return (f(x0, width), f(y0, height), f(x1, width), f(y1, height))
+
+
+def parse_detections(text: str, width: int, height: int, divisor: int = 1024) -> list[Detection]:
+    """All well-formed objects of a detection answer; anything malformed is skipped.
+
+    A box is kept only if all bins are in 0..1023 and y1 > y0, x1 > x0 (big_vision's validity rule)."""
+    out = []
+    for m in _OBJECT.finditer(text):
+        bins = tuple(int(b) for b in _BIN.findall(m.group(1)))
+        y0, x0, y1, x1 = bins
+        if max(bins) > 1023 or y1 <= y0 or x1 <= x0:
+            continue
+        out.append(Detection(m.group(2).strip(), bins_to_box(bins, width, height, divisor), bins))
+    return out
+
+
+def draw_detections(image: Image.Image, detections: list[Detection], width: int | None = None) -> Image.Image:
+    """A copy of the image with each box outlined in its colour and labelled above its top-left corner."""
+    im = image.convert("RGB").copy()
+    d = ImageDraw.Draw(im)
+    lw = width or max(2, round(min(im.size) / 150))
+    for i, det in enumerate(detections):
+        colour = PALETTE[i % len(PALETTE)]
+        x0, y0, x1, y1 = det.box
+        d.rectangle((x0, y0, x1, y1), outline=colour, width=lw)
+        if det.label:
+            tx, ty = x0 + lw, max(0, y0 - 12 - lw) if y0 >= 12 + lw else y0 + lw
+            left, top, right, bottom = d.textbbox((tx, ty), det.label)
+            d.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
+            d.text((tx, ty), det.label, fill=(255, 255, 255))
+    return im

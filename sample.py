@@ -1,0 +1,110 @@
+"""Ask PaliGemma about an image.
+
+    python sample.py --checkpoint DIR --image cat.jpg --prompt "caption en"
+    python sample.py --checkpoint DIR --image cat.jpg --prompt "detect cat ; dog" --out boxes.png
+
+The answer is the last line of stdout (--json: one JSON object per image instead).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+TASKS = """task prompts (PaliGemma's prefixes; the "\\n" separator is added for you):
+  caption en               short caption (any language code: caption de, caption fr, ...)
+  describe en              longer description          cap en     very short raw caption
+  ocr                      read the text in the image
+  answer en QUESTION       visual question answering   question en ANSWER   ask a question
+  detect cat ; dog         boxes: <loc><loc><loc><loc> label ; ...  (drawn into --out)
+  segment cat              box + 16 <seg> codes of a mask
+pt (pretrained) checkpoints are meant for fine-tuning; mix checkpoints answer these out of the box."""
+
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nanopali", "assets", "tiny-shapes")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=TASKS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="Hugging Face PaliGemma directory (config.json, tokenizer.model, "
+                   "*.safetensors); default: the bundled tiny model")
+    p.add_argument("--image", action="append", help="image path (repeatable)")
+    p.add_argument("--prompt", action="append", help="task prompt (repeatable: one per image, or one for all)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "reference", "sdpa", "triton"])
+    p.add_argument("--out", default=None, help="write the image with boxes drawn (PNG); default annotated.png "
+                   "when the answer has boxes")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import nanopali
+    from nanopali.checkpoint import resolve_device
+    from nanopali.detection import draw_detections, parse_detections
+    from nanopali.generate import generate
+    from nanopali.processing import load_image
+
+    ckpt = args.checkpoint
+    if ckpt is None:
+        if not os.path.isdir(BUNDLED):
+            raise nanopali.InputError("No --checkpoint given and the bundled model is not installed here. "
+                                      "Pass --checkpoint DIR (a Hugging Face PaliGemma directory).")
+        ckpt = BUNDLED
+    images = args.image or []
+    if not images:
+        raise nanopali.InputError("Pass at least one --image PATH")
+    prompts = args.prompt or ["caption en"]
+    if len(prompts) == 1:
+        prompts = prompts * len(images)
+    if len(prompts) != len(images):
+        raise nanopali.InputError(f"Got {len(images)} --image and {len(prompts)} --prompt; give one prompt "
+                                  "for all images or one per image")
+    device = resolve_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    model, processor = nanopali.load(ckpt, dtype=dtype, device=device, attn_impl=args.attn_impl)
+    pils = [load_image(p) for p in images]
+    t0 = time.perf_counter()
+    texts, ids = generate(model, processor, pils, prompts, args.max_new_tokens, args.temperature,
+                          args.top_k, args.top_p, args.seed, return_ids=True)
+    seconds = time.perf_counter() - t0
+    for i, (path, pil, prompt, text, toks) in enumerate(zip(images, pils, prompts, texts, ids)):
+        dets = parse_detections(text, *pil.size)
+        out_path = None
+        if dets:
+            out_path = args.out or "annotated.png"
+            if len(images) > 1:
+                root, ext = os.path.splitext(out_path)
+                out_path = f"{root}_{i}{ext or '.png'}"
+            draw_detections(pil, dets).save(out_path)
+        if args.json:
+            rec = {"image": path, "prompt": prompt, "text": text, "tokens": toks}
+            if dets:
+                rec["boxes"] = [d.to_dict() for d in dets]
+                rec["annotated"] = out_path
+            print(json.dumps(rec))
+        else:
+            if out_path:
+                print(f"[{path}] {len(dets)} box(es) drawn into {out_path}")
+            print(f"[{path}] {prompt} ->" if len(images) > 1 else f"{prompt} ->")
+            print(text)
+    if not args.json:
+        print(f"({sum(len(t) for t in ids)} tokens in {seconds:.2f} s, {device}, {dtype})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, OSError) as e:  # InputError and CheckpointError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

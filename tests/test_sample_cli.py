@@ -1,0 +1,65 @@
+"""sample.py end to end on a tiny checkpoint: answer on the last line, --json, boxes drawn."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hf_reference import make_hf_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    ckpt = make_hf_checkpoint(str(d / "ckpt"), generation=2)
+    img = d / "img.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 60, 3), dtype=np.uint8)).save(img)
+    return ckpt, str(img), d
+
+
+def test_json_output_has_text_and_tokens_matching_the_library(setup):
+    import nanopali
+    from nanopali.generate import generate
+
+    ckpt, img, d = setup
+    r = run("--checkpoint", ckpt, "--image", img, "--prompt", "caption en", "--max-new-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    model, proc = nanopali.load(ckpt)
+    texts, ids = generate(model, proc, [Image.open(img)], ["caption en"], 6, return_ids=True)
+    assert rec["text"] == texts[0] and rec["tokens"] == ids[0]
+
+
+def test_plain_output_prints_the_answer_on_the_last_line(setup):
+    import nanopali
+    from nanopali.generate import generate
+
+    ckpt, img, d = setup
+    r = run("--checkpoint", ckpt, "--image", img, "--prompt", "detect cat", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    model, proc = nanopali.load(ckpt)
+    (text,) = generate(model, proc, [Image.open(img)], ["detect cat"], 4)
+    assert r.stdout.endswith(text + "\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "missing.png"], "not found"),
+    (["--temperature", "-1"], "temperature"),
+])
+def test_bad_arguments_print_one_error_line_and_exit_2(setup, args, message):
+    ckpt, img, d = setup
+    base = ["--checkpoint", ckpt, "--image", img]
+    if args[0] == "--image":
+        base = ["--checkpoint", ckpt]
+    r = run(*base, *args, cwd=str(d))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
