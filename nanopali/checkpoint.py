@@ -269,10 +269,8 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def load(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto"):
-    """(model, processor) from a Hugging Face PaliGemma / PaliGemma 2 checkpoint directory."""
-    from .processing import Processor
-
+def load_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto") -> PaliGemma:
+    """The model alone from a Hugging Face checkpoint directory (config.json + safetensors)."""
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -281,15 +279,24 @@ def load(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto"):
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory (config.json, tokenizer.model, "
                               "*.safetensors)")
     cfg = read_config(path)
-    tok = os.path.join(path, "tokenizer.model")
-    if not os.path.isfile(tok):
-        raise CheckpointError(f"No tokenizer.model in {path} (the SentencePiece file of the checkpoint)")
     files = weight_files(path)
     with torch.device("meta"):
         model = PaliGemma(cfg)
     load_state(model, files, dtype, device)
     model.eval()
     model.attn_impl = attn_impl
+    return model
+
+
+def load(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto"):
+    """(model, processor) from a Hugging Face PaliGemma / PaliGemma 2 checkpoint directory."""
+    from .processing import Processor
+
+    tok = os.path.join(os.fspath(path), "tokenizer.model")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(tok):
+        raise CheckpointError(f"No tokenizer.model in {path} (the SentencePiece file of the checkpoint)")
+    model = load_model(path, dtype, device, attn_impl)
+    cfg = model.cfg
     processor = Processor(tok, cfg.vision.image_size, cfg.num_image_tokens, cfg.image_token_id,
                           cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
     return model, processor

@@ -53,8 +53,10 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p):
 @torch.no_grad()
 def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 max_len: int | None = None) -> list[list[int]]:
-    """New token ids per row, each ending at (and including) its first EOS if one came."""
+                 max_len: int | None = None, stop_at_eos: bool = True) -> list[list[int]]:
+    """New token ids per row, each ending at (and including) its first EOS if one came.
+
+    stop_at_eos=False decodes exactly max_new_tokens for every row (benchmarks)."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     lm, cfg = model.language_model, model.cfg
     dev = model.projector.linear.weight.device
@@ -80,9 +82,10 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
     steps = max_new_tokens
     for t in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_k, top_p, generator)
-        tok = tok.masked_fill(done, cfg.pad_token_id)
+        if stop_at_eos:
+            tok = tok.masked_fill(done, cfg.pad_token_id)
+            done |= tok == cfg.eos_token_id
         out[:, t] = tok
-        done |= tok == cfg.eos_token_id
         if bool(done.all()) or t == max_new_tokens - 1:
             steps = t + 1
             break
@@ -92,7 +95,7 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
         logits = lm.logits(h[:, -1])
     rows = []
     for row in out[:, :steps].tolist():
-        rows.append(row[: row.index(cfg.eos_token_id) + 1] if cfg.eos_token_id in row else row)
+        rows.append(row[: row.index(cfg.eos_token_id) + 1] if stop_at_eos and cfg.eos_token_id in row else row)
     return rows
 
 
