@@ -68,12 +68,14 @@ def resolve_impl(impl: str, device: torch.device, softcap: float | None) -> str:
 
 
 def attention(q, k, v, mask: PrefixLMMask | None, *, scale: float, softcap: float | None = None,
-              window: int | None = None, q_start: int = 0, impl: str = "reference"):
+              window: int | None = None, q_start=0, impl: str = "reference"):
     """Attention of queries at absolute indices q_start.. over keys 0..S-1 under `mask`.
 
     mask None = full bidirectional attention (SigLIP). Returns (B, N, T, H)."""
     impl = resolve_impl(impl, q.device, softcap)
     T, S = q.shape[2], k.shape[2]
+    if impl == "triton" and isinstance(q_start, torch.Tensor):
+        impl = "reference" if softcap is not None else "sdpa"  # compiled decode: position known on device only
     if impl == "triton":
         from .kernels import flash_attention
         if mask is None:

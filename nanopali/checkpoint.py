@@ -59,12 +59,28 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
     return table, 8 + n
 
 
-def _read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
-    b, e = info["data_offsets"]
-    buf = torch.empty(e - b, dtype=torch.uint8)
-    f.seek(data_start + b)
-    f.readinto(buf.numpy())
-    return buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+_CHUNK_BYTES = 64 << 20
+
+
+def _read_tensor(f, info: dict, data_start: int, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
+    """One tensor of a safetensors file, converted to dtype/device while it is read.
+
+    The file is read in 64 MiB pieces straight into the destination, so loading never holds a second
+    full-size copy of a tensor (the fp32 embedding of a 3B model is 2.1 GB; in bf16 it becomes 1.05)."""
+    src = _ST_DTYPES[info["dtype"]]
+    out = torch.empty(info["shape"], dtype=dtype or src, device=device)
+    f.seek(data_start + info["data_offsets"][0])
+    if out.dtype == src and out.device.type == "cpu":
+        f.readinto(out.view(-1).view(torch.uint8).numpy())
+        return out
+    flat, size = out.view(-1), src.itemsize
+    step = max(1, _CHUNK_BYTES // size)
+    for i in range(0, flat.numel(), step):
+        m = min(step, flat.numel() - i)
+        buf = torch.empty(m * size, dtype=torch.uint8)
+        f.readinto(buf.numpy())
+        flat[i:i + m].copy_(buf.view(src))
+    return out
 
 
 def weight_files(ckpt_dir: str) -> list[str]:
@@ -177,7 +193,7 @@ def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device) -
                 if name in seen:
                     unexpected.append(f"{key} (duplicate)")
                     continue
-                _assign(model, name, _read_tensor(f, info, start).to(device=device, dtype=dtype))
+                _assign(model, name, _read_tensor(f, info, start, dtype, device))
                 seen.add(name)
     missing = [n for n in params if n not in seen]
     if missing or unexpected or misshaped:
@@ -191,7 +207,7 @@ def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device) -
     if head is not None:
         path, info, start = head
         with open(path, "rb") as f:
-            w = _read_tensor(f, info, start).to(device=device, dtype=dtype)
+            w = _read_tensor(f, info, start, dtype, device)
         if w.shape != model.language_model.embed.weight.shape or not torch.equal(w, model.language_model.embed.weight):
             raise CheckpointError(f"{path}: lm_head.weight differs from the token embedding; PaliGemma ties them")
 

@@ -11,6 +11,8 @@ Sampling: temperature, then top-k, then top-p (transformers' warper order), seed
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .kv_cache import StaticKVCache
@@ -50,13 +52,36 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p):
         raise InputError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def decode_step(lm, tok, pos, q_start, cache, mask):
+    """One token per row: (B,) ids at cache slot q_start → next-token logits (B, V)."""
+    h = lm(lm.embed_tokens(tok[:, None]), mask, pos, cache=cache, q_start=q_start)   # (B, 1, D)
+    return lm.logits(h[:, -1])
+
+
+_COMPILED = {}
+
+
+def _compiled_step(device: torch.device):
+    """torch.compile'd decode_step, built once per device type; eager decode_step if compile is unavailable."""
+    if device.type not in _COMPILED:
+        try:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            _COMPILED[device.type] = torch.compile(decode_step, mode=mode, dynamic=False)
+        except Exception as e:  # noqa: BLE001 - any backend failure means: run eager
+            warnings.warn(f"torch.compile unavailable ({e}); decoding eagerly")
+            _COMPILED[device.type] = decode_step
+    return _COMPILED[device.type]
+
+
 @torch.no_grad()
 def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 max_len: int | None = None, stop_at_eos: bool = True) -> list[list[int]]:
+                 max_len: int | None = None, stop_at_eos: bool = True, compile: bool = False) -> list[list[int]]:
     """New token ids per row, each ending at (and including) its first EOS if one came.
 
-    stop_at_eos=False decodes exactly max_new_tokens for every row (benchmarks)."""
+    stop_at_eos=False decodes exactly max_new_tokens for every row (benchmarks). compile=True runs the
+    decode step through torch.compile with the cache index as a tensor, so every step is one graph
+    (CUDA graphs with mode "reduce-overhead" on GPU); falls back to eager where compile fails."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     lm, cfg = model.language_model, model.cfg
     dev = model.projector.linear.weight.device
@@ -69,6 +94,7 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
                          f"but the cache holds {max_len}")
     dtype = lm.embed.weight.dtype
     cache = StaticKVCache(cfg.text.depth, B, cfg.text.num_kv_heads, max_len, cfg.text.head_dim, dtype, dev)
+    step = _compiled_step(dev) if compile else None
     generator = None
     if seed is not None:
         generator = torch.Generator(device=dev).manual_seed(seed)
@@ -90,9 +116,10 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
             steps = t + 1
             break
         pos = (T + t - mask.start + cfg.position_base)[:, None]                    # (B, 1)
-        x = lm.embed_tokens(tok[:, None])                                           # (B, 1, D)
-        h = lm(x, mask, pos, cache=cache, q_start=T + t)
-        logits = lm.logits(h[:, -1])
+        if step is None:
+            logits = decode_step(lm, tok, pos, T + t, cache, mask)
+        else:
+            logits = step(lm, tok, pos, torch.tensor(T + t, device=dev), cache, mask).clone()
     rows = []
     for row in out[:, :steps].tolist():
         rows.append(row[: row.index(cfg.eos_token_id) + 1] if stop_at_eos and cfg.eos_token_id in row else row)
@@ -101,7 +128,7 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
 
 def generate(model: PaliGemma, processor: Processor, images, prompts, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, return_ids: bool = False):
+             seed: int | None = None, return_ids: bool = False, compile: bool = False):
     """Decoded answers, one string per prompt (one image, or a list of images, per prompt).
 
     `prompts` may be one string for all images. With return_ids, (texts, new token ids) are returned."""
@@ -111,6 +138,6 @@ def generate(model: PaliGemma, processor: Processor, images, prompts, max_new_to
         if not isinstance(p, str) or not p.strip():
             raise InputError(f"Prompt {i} is empty: give a task prefix such as 'caption en' or 'detect cat'")
     batch = processor(images=images, prompts=prompts)
-    ids = generate_ids(model, batch, max_new_tokens, temperature, top_k, top_p, seed)
+    ids = generate_ids(model, batch, max_new_tokens, temperature, top_k, top_p, seed, compile=compile)
     texts = [processor.decode(r) for r in ids]
     return (texts, ids) if return_ids else texts

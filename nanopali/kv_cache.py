@@ -22,8 +22,16 @@ class StaticKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_start: int):
-        """Write k/v (B, K, T, H) at slots q_start..q_start+T-1; return the filled (B, K, q_start+T, H)."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_start):
+        """Write k/v (B, K, T, H) at slots q_start..q_start+T-1 and return what attention reads.
+
+        q_start an int: the filled slots (B, K, q_start+T, H). q_start a 0-d tensor (compiled
+        decode): all S slots, fixed shape; the mask hides the slots not yet written."""
+        if isinstance(q_start, torch.Tensor):
+            idx = q_start + torch.arange(k.shape[2], device=k.device)
+            self.k[layer].index_copy_(2, idx, k)
+            self.v[layer].index_copy_(2, idx, v)
+            return self.k[layer], self.v[layer]
         end = q_start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; writing up to {end}")

@@ -66,30 +66,35 @@ class PrefixLMMask:
     def batch(self) -> int:
         return self.start.shape[0]
 
-    def allowed(self, q_start: int = 0, q_len: int | None = None, kv_len: int | None = None,
+    def allowed(self, q_start=0, q_len: int | None = None, kv_len: int | None = None,
                 window: int | None = None) -> torch.Tensor:
         """Boolean (B, 1, T, S) mask: may query at absolute index q_start + t read key s?
 
         q_start/q_len select the queries (a decode step is q_start = cache index, q_len = 1);
         kv_len is the number of keys (a static cache may hold more slots than are filled).
-        """
+        q_start may be a 0-d tensor (compiled decode: one graph for every step); then nothing
+        is memoised, as the value is only known on the device."""
         q_len = self.length - q_start if q_len is None else q_len
         kv_len = self.length if kv_len is None else kv_len
+        if isinstance(q_start, torch.Tensor):
+            return self._dense(q_start + torch.arange(q_len, device=q_start.device), kv_len, window)
         key = (q_start, q_len, kv_len, window)
         if key not in self._cache:
-            dev = self.start.device
-            i = torch.arange(q_start, q_start + q_len, device=dev)[None, :, None]   # (1, T, 1)
-            j = torch.arange(kv_len, device=dev)[None, None, :]                   # (1, 1, S)
-            start = self.start[:, None, None]
-            pe = self.prefix_end[:, None, None]
-            causal = j <= i
-            if window is not None:
-                causal = causal & (i - j < window)
-            both_prefix = (i < pe) & (j < pe)
-            real = (i >= start) & (j >= start)
-            m = (real & (both_prefix | causal)) | (i == j)                      # (B, T, S)
-            self._cache[key] = m[:, None]
+            self._cache[key] = self._dense(torch.arange(q_start, q_start + q_len, device=self.start.device),
+                                           kv_len, window)
         return self._cache[key]
+
+    def _dense(self, q_index: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+        i = q_index.to(self.start.device)[None, :, None]                          # (1, T, 1)
+        j = torch.arange(kv_len, device=self.start.device)[None, None, :]         # (1, 1, S)
+        start = self.start[:, None, None]
+        pe = self.prefix_end[:, None, None]
+        causal = j <= i
+        if window is not None:
+            causal = causal & (i - j < window)
+        both_prefix = (i < pe) & (j < pe)
+        real = (i >= start) & (j >= start)
+        return ((real & (both_prefix | causal)) | (i == j))[:, None]             # (B, 1, T, S)
 
     def positions(self, base: int = 1) -> torch.Tensor:
         """RoPE position of every token, (B, T): 0 or 1 for the first real token (see `base`).

@@ -143,3 +143,30 @@ def test_a_prompt_longer_than_the_cache_names_the_limit(ckpt):
     batch = proc(_images(1), ["caption en"])
     with pytest.raises(nanopali.InputError, match="cache holds 8"):
         generate_ids(model, batch, max_new_tokens=4, max_len=8)
+
+
+def test_static_shape_decode_step_equals_the_sliced_cache_step(ckpt):
+    """The step torch.compile runs (cache index as a tensor, attention over every slot, unfilled slots
+    masked) gives the logits of the eager step (attention over the filled slots only)."""
+    from nanopali.generate import decode_step
+    from nanopali.kv_cache import StaticKVCache
+
+    model, proc, *_ = ckpt
+    cfg, lm = model.cfg, model.language_model
+    batch = proc(_images(2), PROMPTS[:2])
+    B, T = batch["input_ids"].shape
+    outs = []
+    for as_tensor in (False, True):
+        cache = StaticKVCache(cfg.text.depth, B, cfg.text.num_kv_heads, T + 4, cfg.text.head_dim, torch.float32, "cpu")
+        with torch.no_grad():
+            h, mask = model.hidden_states(**batch, cache=cache)
+            mask = mask.extend(4)
+            tok = lm.logits(h[:, -1]).argmax(-1)
+            logits = []
+            for t in range(3):
+                pos = (T + t - mask.start + cfg.position_base)[:, None]
+                q = torch.tensor(T + t) if as_tensor else T + t
+                logits.append(decode_step(lm, tok, pos, q, cache, mask))
+                tok = logits[-1].argmax(-1)
+        outs.append(torch.stack(logits))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
