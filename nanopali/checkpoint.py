@@ -15,6 +15,7 @@ file are not also counted against the process). No pickle anywhere.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -49,13 +50,21 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
             table = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
     table.pop("__metadata__", None)
     for name, t in table.items():
-        b, e = t["data_offsets"]
-        if 8 + n + e > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {8 + n + e}, file has {size}")
-        if t["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {t['dtype']}")
+        try:
+            dtype, shape, (b, e) = t["dtype"], [int(d) for d in t["shape"]], t["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path} is corrupt: tensor {name} has no valid dtype/shape/data_offsets") from None
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        if not 0 <= b <= e or 8 + n + e > size:
+            raise CheckpointError(f"{path} is truncated or corrupt: tensor {name} spans bytes {b}..{e} of the "
+                                  f"data, but the file has {size - 8 - n}")
+        if e - b != math.prod(shape) * _ST_DTYPES[dtype].itemsize:
+            raise CheckpointError(f"{path} is corrupt: tensor {name} is {dtype}{shape} but spans {e - b} bytes")
     return table, 8 + n
 
 

@@ -40,6 +40,11 @@ class PrefixLMMask:
         """From the processor's tensors: attention_mask 1 = real token; token_type_ids 1 = suffix.
 
         Without token_type_ids every real token is in the prefix (a prompt with no suffix)."""
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be (batch, length), got shape {tuple(attention_mask.shape)}")
+        if token_type_ids is not None and token_type_ids.shape != attention_mask.shape:
+            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)} but attention_mask has "
+                             f"{tuple(attention_mask.shape)}")
         valid = attention_mask.bool()                                          # (B, T)
         B, T = valid.shape
         suffix = token_type_ids.bool() & valid if token_type_ids is not None else torch.zeros_like(valid)

@@ -54,11 +54,12 @@ def _check_size(im: Image.Image, name: str) -> None:
 def to_rgb(im: Image.Image) -> Image.Image:
     """RGB as transformers' `convert_to_rgb`: alpha (RGBA, LA, P with transparency) over white.
 
-    16-bit and float greyscale (I;16, I, F) are first mapped to 8 bits by value/257 (PIL's own
-    convert would clip them at 255, turning most 16-bit images white)."""
+    16-bit greyscale (I;16*, and I, which is how PIL opens 16-bit PNGs) is mapped to 8 bits by
+    value/257 (0..65535 → 0..255; PIL's own convert would clip at 255, turning most 16-bit images
+    white). Float greyscale (F) is taken as already in 0..255 and clipped."""
     if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         a = np.asarray(im, dtype=np.float64)
-        a = a / 257.0 if a.max() > 255 else a
+        a = a if im.mode == "F" else a / 257.0
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     if im.mode == "RGB":
         return im
@@ -127,6 +128,8 @@ class Processor:
             prompts = [prompts]
         if not isinstance(images, (list, tuple)):
             images = [images]
+        if not prompts:
+            raise InputError("Got no prompts: pass at least one image and one prompt")
         if len(images) != len(prompts):
             raise InputError(f"Got {len(images)} images (or image lists) for {len(prompts)} prompts")
         if suffixes is not None and len(suffixes) != len(prompts):
