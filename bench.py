@@ -16,8 +16,8 @@ import argparse
 import gc
 import os
 import platform
-import resource
 import tempfile
+import threading
 import time
 
 import torch
@@ -45,17 +45,50 @@ def build_reference(gen: int, text_layers: int, vision_layers: int, out_dir: str
     return model.to(dtype)
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+class PeakMemory:
+    """Peak memory a block adds: CUDA allocator peak, or on CPU the resident set sampled every 2 ms."""
+
+    def __init__(self, device):
+        self.device, self.peak_mib = device, 0.0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._max = max(self._max, self._rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = self._max = self._rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = self._max
+        self.peak_mib = (peak - self._base) / 2**20
 
 
 def make_batch(batch: int, device):
@@ -76,12 +109,6 @@ def run_ours(model, batch, n):
     generate_ids(model, batch, max_new_tokens=n, stop_at_eos=False)
 
 
-def peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--generation", type=int, nargs="+", default=[1, 2])
@@ -91,7 +118,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     import nanopali
 
@@ -103,22 +130,33 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             tf = build_reference(gen, args.text_layers, args.vision_layers, d, dtype).to(device)
             ours = nanopali.checkpoint.load_model(d, dtype=dtype, device=device)
-        for name, model, fn in (("transformers", tf, run_tf), ("nanopali", ours, run_ours)):
-            with torch.inference_mode():
-                res = {}
-                for b in args.batches:
-                    batch = make_batch(b, device)
-                    fn(model, batch, 2)                                              # warm-up
-                    t1 = timed(lambda: fn(model, batch, 1), args.repeats)
-                    tn = timed(lambda: fn(model, batch, args.new_tokens), args.repeats)
-                    res[b] = (t1, b * (args.new_tokens - 1) / (tn - t1))
-                rows.append((f"PaliGemma {gen}", name, res, peak_mb(device)))
-        del tf, ours
+        impls = (("transformers", tf, run_tf), ("nanopali", ours, run_ours))
+        res = {name: {} for name, _, _ in impls}
+        mem = {name: 0.0 for name, _, _ in impls}
+        with torch.inference_mode():
+            for b in args.batches:
+                batch = make_batch(b, device)
+                best = {name: [float("inf"), float("inf")] for name, _, _ in impls}
+                for name, model, fn in impls:
+                    with PeakMemory(device) as pm:
+                        fn(model, batch, 2)                                          # warm-up
+                    mem[name] = max(mem[name], pm.peak_mib)
+                # interleaved repeats, best of each: both see the same machine load
+                for _ in range(args.repeats):
+                    for name, model, fn in impls:
+                        best[name][0] = min(best[name][0], timed(lambda: fn(model, batch, 1)))
+                        best[name][1] = min(best[name][1], timed(lambda: fn(model, batch, args.new_tokens)))
+                for name in best:
+                    t1, tn = best[name]
+                    res[name][b] = (t1, b * (args.new_tokens - 1) / (tn - t1))
+        rows += [(f"PaliGemma {gen}", name, res[name], mem[name]) for name, _, _ in impls]
+        del tf, ours, impls
         gc.collect()
     b0 = args.batches[0]
     print(f"\n| model | implementation | time to first token (batch {b0}) | "
-          + " | ".join(f"decode tok/s batch {b}" for b in args.batches) + " | peak memory |")
+          + " | ".join(f"decode tok/s batch {b}" for b in args.batches) + " | peak memory added |")
     print("|---|---|---|" + "---|" * len(args.batches) + "---|")
+    # peak memory = what one generate call adds on top of the loaded weights (activations, cache, logits)
     for i, (model, name, res, mem) in enumerate(rows):
         line = f"| {model} | {name} | {res[b0][0] * 1000:.0f} ms | " + " | ".join(f"{res[b][1]:.1f}" for b in args.batches)
         print(line + f" | {mem:.0f} MiB |")
