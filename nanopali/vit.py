@@ -99,3 +99,19 @@ class SigLIP(nn.Module):
             else:
                 x = block(x, self.attn_impl)
         return self.norm(x)
+
+
+def resample_pos_embed(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Learned position embeddings (P, W) moved to another grid (num_patches, W): the paper's stage 2
+    (PaliGemma §3.2.3, 224 → 448 → 896 px) starts from the lower resolution's table this way.
+
+    Bilinear on the 2-D grid with corners aligned, which is what big_vision's `resample_posemb`
+    computes (scipy.ndimage.zoom, order=1). The same size returns the table unchanged."""
+    old, new = int(round(pos.shape[0] ** 0.5)), int(round(num_patches ** 0.5))
+    if old * old != pos.shape[0] or new * new != num_patches:
+        raise ValueError(f"position tables must be square grids, got {pos.shape[0]} → {num_patches} patches")
+    if old == new:
+        return pos
+    grid = pos.float().T.reshape(1, -1, old, old)                                # (1, W, g, g)
+    grid = F.interpolate(grid, size=(new, new), mode="bilinear", align_corners=True)
+    return grid.reshape(pos.shape[1], new * new).T.to(pos.dtype).contiguous()     # (num_patches, W)
