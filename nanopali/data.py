@@ -92,21 +92,20 @@ def _records(source):
             yield f"examples[{i}]", record, None
 
 
-def load_examples(source, processor: Processor, max_seq_len: int | None = None, skip_bad: bool = False,
-                  check_images: bool = True) -> Dataset:
-    """Parse and validate every example of a JSONL file or a list of dicts.
+def load_examples(source, processor: Processor, max_seq_len: int | None = None, skip_bad: bool = False) -> Dataset:
+    """Parse and validate every example of a JSONL file or a list of dicts (every image is decoded
+    once, so a truncated file is caught here and not at step 10,000).
 
     Bad examples raise one DataError listing them all (up to 20) with their line numbers, or are
-    dropped and listed in `Dataset.skipped` when skip_bad. check_images decodes every image once."""
+    dropped and listed in `Dataset.skipped` when skip_bad."""
     good, bad = [], []
     for where, record, base_dir in _records(source):
         try:
             if isinstance(record, Exception):
                 raise record
             ex = _parse(record, where, base_dir)
-            if check_images:
-                for im in ex.images:
-                    load_image(im)
+            for im in ex.images:
+                load_image(im)
             prompt = processor.prompt_ids(ex.prefix, len(ex.images))
             ex.num_targets = len(processor.suffix_ids(ex.suffix))
             ex.num_tokens = len(prompt) + ex.num_targets

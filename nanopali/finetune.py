@@ -1,8 +1,7 @@
 """Fine-tuning: which weights train, the optimizer, the prefix-LM loss and one optimizer step.
 
-PaliGemma is built for transfer (PaliGemma paper §6 / PaliGemma 2 paper §4): the whole model, or a
-part of it, is fine-tuned on (image, prefix, suffix) examples with the loss on suffix + EOS only
-(spec §2.5). This file is the reusable core that train.py and a notebook share:
+PaliGemma is built for transfer (both papers' titles say so): the whole model, or a part of it, is
+fine-tuned on (image, prefix, suffix) examples with the loss on suffix + EOS only (spec §2.5). This file is the reusable core that train.py and a notebook share:
 
   set_trainable   named presets: all, llm, attn, projector, lora (lora.py adds the adapters)
   make_optimizer  AdamW, weight decay on matrices only; lr_at: linear warmup then cosine
@@ -62,9 +61,9 @@ def cast_params(model: nn.Module, trainable: torch.dtype, frozen: torch.dtype) -
 
 @torch.no_grad()
 def init_random(model: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
-    """Fresh weights for training from scratch, as transformers' PaliGemma `_init_weights`: matrices,
-    convolutions and embeddings N(0, 0.02²), biases 0, LayerNorm scales 1; Gemma RMSNorm offsets 0
-    (scale 1 + w = 1)."""
+    """Fresh weights for training from scratch: every matrix, convolution and embedding N(0, std²)
+    (std = transformers' default initializer_range, 0.02), biases 0, LayerNorm scales 1, Gemma
+    RMSNorm offsets 0 (scale 1 + w = 1). Seeded by its own generator, independent of the global RNG."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.ndim >= 2:
@@ -82,8 +81,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     (biases, norms) and for the lookup tables in NO_DECAY (nanoGPT's `configure_optimizers` split)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        table = any(name == t or name.endswith("." + t) for t in NO_DECAY)   # also under Objective / DDP
         if p.requires_grad:
-            (decay if p.ndim >= 2 and name not in NO_DECAY else no_decay).append(p)
+            (decay if p.ndim >= 2 and not table else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

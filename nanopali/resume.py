@@ -4,7 +4,7 @@
         config.json, model.safetensors, tokenizer.model   the whole model, HF layout (nanopali.load reads it)
         or adapter_config.json, adapter_model.safetensors  LoRA runs: the adapters only (lora.py)
         train_state.pt                  optimizer (keyed by parameter name), GradScaler, step, every
-                                        rank's RNG state, data seed and size, non-finite count, flags
+                                        rank's RNG state, seed, data size, preset, non-finite count
     <out>/checkpoints/latest            one line: the name of the newest complete step directory
 
 A save writes everything into `step_000120.tmp<pid>/`, fsyncs each file and the directory, renames
@@ -64,8 +64,9 @@ def export(model_state: dict, cfg: PaliGemmaConfig, out_dir: str, tokenizer_path
     save_checkpoint(merge_lora(model) if lora is not None else model, out_dir, tokenizer_path)
 
 
-def _fsync_tree(path: str) -> None:
-    for name in os.listdir(path):
+def _fsync_dir(path: str, files: bool = False) -> None:
+    """fsync a directory (its entries), and with files=True every file in it (their contents)."""
+    for name in os.listdir(path) if files else []:
         with open(os.path.join(path, name), "rb") as f:
             os.fsync(f.fileno())
     fd = os.open(path, os.O_RDONLY)
@@ -81,7 +82,8 @@ def save(root: str, step: int, model_state: dict, train_state: dict, cfg: PaliGe
     os.makedirs(root, exist_ok=True)
     for name in os.listdir(root):                  # leftovers of saves that were killed
         if ".tmp" in name or ".old" in name:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            path = os.path.join(root, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     name = f"step_{step:06d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f"{name}.tmp{os.getpid()}")
     os.makedirs(tmp)
@@ -90,11 +92,11 @@ def save(root: str, step: int, model_state: dict, train_state: dict, cfg: PaliGe
     else:
         save_checkpoint(model_from_state(cfg, model_state), tmp, tokenizer_path)
     torch.save(train_state, os.path.join(tmp, STATE_FILE))
-    _fsync_tree(tmp)
+    _fsync_dir(tmp, files=True)
     if os.path.exists(final):                      # the same step saved by an earlier, interrupted run
         os.replace(final, f"{final}.old{os.getpid()}")
     os.replace(tmp, final)
-    _fsync_tree(root)
+    _fsync_dir(root)
     atomic_write(os.path.join(root, LATEST), lambda t: open(t, "w").write(name + "\n"))
     steps = sorted((int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_DIR.fullmatch(n)))
     for _, old in steps[:-keep] if keep > 0 else []:
@@ -157,3 +159,25 @@ def load_model_state(objective: nn.Module, model_state: dict) -> None:
 def load_optimizer_state(objective: nn.Module, optimizer, optim_state: dict) -> None:
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=_distributed())
     set_optimizer_state_dict(objective, optimizer, optim_state, options=opts)
+
+
+def train_state(step: int, optimizer_state: dict, scaler, run: dict, nonfinite_skipped: int) -> dict:
+    """What train_state.pt holds besides the weights (see the module docstring). Call on every rank:
+    it gathers their RNG states."""
+    return {"step": step, "optimizer": optimizer_state, "scaler": scaler.state_dict() if scaler else None,
+            "rng": all_rng_states(), "run": run, "nonfinite_skipped": nonfinite_skipped}
+
+
+def restore(step_dir: str, objective: nn.Module, optimizer, scaler, run: dict) -> dict:
+    """Optimizer, GradScaler and RNG state from a step directory (the weights were loaded with the
+    model); returns its train state. `run` (seed, data size, trainable preset) must match the saved
+    one: otherwise the data order or the optimizer's parameters would differ."""
+    state = read_train_state(step_dir)
+    if state["run"] != run:
+        raise SystemExit(f"{step_dir} was trained with {state['run']}, this run has {run}: resume with the same "
+                         "--data, --seed and --trainable")
+    load_optimizer_state(objective, optimizer, state["optimizer"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state
