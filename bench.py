@@ -2,6 +2,7 @@
 
     python bench.py                      # CPU defaults: real widths, reduced depth (printed)
     python bench.py --text-layers 26 --vision-layers 27 --dtype bfloat16 --device cuda   # full size
+    python bench.py attention            # the fused kernel vs SDPA / FlexAttention (bench_attention.py)
 
 Builds transformers' PaliGemma (1 or 2) at the released widths with random weights, saves it in the
 hub layout, loads the same files into nanopali, and times on the same prompt (224 px = 256 image
@@ -168,4 +169,12 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["attention"]:
+        import bench_attention
+
+        sys.argv.pop(1)
+        bench_attention.main()
+    else:
+        main()

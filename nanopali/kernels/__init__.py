@@ -2,7 +2,7 @@
 
 flash_attention is exact prefix-LM attention (masking.PrefixLMMask's rule, Gemma 2's soft-cap and
 sliding window, GQA/MQA) as one differentiable call: flash.py holds the FlashAttention-2 forward and
-backward, flash_decode.py the split-K kernel that a call with few queries (decode) uses instead.
+backward, decode.py the split-K kernel that a call with few queries (decode) uses instead.
 
 Triton is optional: without it this package still imports, is_supported says False and the kernels
 raise. CPU tensors run through Triton's interpreter when TRITON_INTERPRET=1 is set before this package
@@ -10,18 +10,17 @@ is imported (triton.jit reads it once); that is how the tests run without a GPU.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
     import triton  # noqa: F401
 except ImportError as err:
     _MISSING_TRITON: ImportError | None = err
+    INTERPRETED = False
 else:
     _MISSING_TRITON = None
     from .flash import INTERPRETED, flash_backward, flash_forward
-    from .flash_decode import decode_forward, default_splits
+    from .decode import decode_forward, default_splits
 
 # Letters: B batch, N query heads, K key/value heads, T queries, S keys, H head dim.
 
@@ -36,6 +35,8 @@ def is_supported(device) -> bool:
 
 
 class _FlashAttention(torch.autograd.Function):
+    """Forward by the tiled kernel (num_splits None) or the split-K one; one backward for both, from lse."""
+
     @staticmethod
     def forward(ctx, q, k, v, start, prefix_end, scale, softcap, window, q_start, num_splits):
         if num_splits is None:

@@ -22,9 +22,11 @@ import triton.language as tl
 # Letters: B batch, N query heads, K key/value heads, G = N // K, T queries, S keys, H head dim.
 # A query's absolute index is i = q_start + t; keys are j = 0..S-1. BLOCK_H is H padded to a power of
 # two (72 → 128; the padding columns load as 0, so they add nothing to q·kᵀ and are never stored).
+# Each kernel first moves its pointers to its head in int64 ((b·N + n)·T·H can pass 2³¹); offsets
+# inside a head stay int32, which keeps the 256-wide tiles' offsets in half the registers.
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit when this module is imported
-LOG2E: tl.constexpr = 1.4426950408889634  # exp(x) = exp2(x·log2 e); exp2 is the GPU's native exponential
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x·log2 e); exp2 is the GPU's native exponential
 
 
 @triton.jit
@@ -32,10 +34,10 @@ def _logits(q, k, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr
     """(BLOCK_M, BLOCK_N) logits in log2 units, and tanh(s / c), which the soft-cap's derivative needs."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     if SOFTCAP:
-        th = 1 - 2 / (tl.exp(2 * s / softcap) + 1)  # tanh, spelled with exp: the interpreter has no tanh
+        th = 1 - 2 / (tl.exp(2 * s / softcap) + 1)         # tanh, spelled with exp: the interpreter has no tanh
         s = softcap * th
     else:
-        th = s  # unused without a soft-cap
+        th = s                                             # unused without a soft-cap
     return s * LOG2E, th
 
 
@@ -49,23 +51,17 @@ def _allowed(i, j, start, pe, window, S):
 
 
 @triton.jit
-def _program_ids():
-    """Grid coordinates as int64: offsets such as (b·N + n)·T·H can pass 2³¹ in long batches."""
-    return tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-
-
-@triton.jit
 def _row_mask(START, PREFIX_END, b):
     """(start, prefix_end) of row b; a prefix_end below start means "no prefix", as in the rule."""
-    start = tl.load(START + b)
-    return start, tl.maximum(tl.load(PREFIX_END + b), start)
+    start = tl.load(START + b).to(tl.int32)
+    return start, tl.maximum(tl.load(PREFIX_END + b).to(tl.int32), start)
 
 
 @triton.jit
 def _load_rows(ptr, rows, n_rows, d, H, DOT: tl.constexpr):
-    """(len(rows), BLOCK_H) tile of a contiguous (n_rows, H) matrix, as DOT; rows and columns past the end read 0."""
-    x = tl.load(ptr + rows[:, None] * H + d[None, :], mask=(rows[:, None] < n_rows) & (d[None, :] < H), other=0.0)
-    return x.to(DOT)
+    """(len(rows), BLOCK_H) tile of a contiguous (n_rows, H) matrix as DOT; rows, columns past the end read 0."""
+    inside = (rows[:, None] < n_rows) & (d[None, :] < H)
+    return tl.load(ptr + rows[:, None] * H + d[None, :], mask=inside, other=0.0).to(DOT)
 
 
 @triton.jit
@@ -90,13 +86,13 @@ def _key_tiles(i_lo, i_hi, start, pe, window, S, BLOCK_N: tl.constexpr):
     full_lo = (a + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     full_hi = b // BLOCK_N * BLOCK_N
     hi_up = (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    empty = (i_lo < start) | (full_lo >= full_hi)  # a pad row sees only itself: no tile is full
+    empty = (i_lo < start) | (full_lo >= full_hi)          # a pad row sees only itself: no tile is full
     return lo // BLOCK_N * BLOCK_N, tl.where(empty, hi_up, full_lo), tl.where(empty, hi_up, full_hi), hi
 
 
 @triton.jit
 def _query_tiles(j_lo, j_hi, start, pe, window, q_start, T, BLOCK_M: tl.constexpr):
-    """The mirror of _key_tiles for keys j_lo..j_hi: (lo, full_lo, full_hi, hi) in query rows t = i - q_start.
+    """The mirror of _key_tiles for keys j_lo..j_hi: (lo, full_lo, full_hi, hi) as query rows t = i - q_start.
 
     Per key: a pad key is read by itself, a prefix key by [start, max(pe, j + window)), a suffix key
     by [j, j + window)."""
@@ -109,8 +105,10 @@ def _query_tiles(j_lo, j_hi, start, pe, window, q_start, T, BLOCK_M: tl.constexp
     a = tl.where(j_hi >= pe, tl.maximum(start, j_hi), start)
     b = tl.where(j_lo < pe, tl.minimum(q_end, tl.maximum(pe, j_lo + window)), q_end)
     b = tl.where(j_hi >= pe, tl.minimum(b, tl.maximum(j_lo, pe) + window), b)
-    lo = tl.maximum(lo - q_start, 0) // BLOCK_M * BLOCK_M
+    lo = tl.maximum(lo - q_start, 0)
     hi = tl.maximum(tl.minimum(hi, q_end) - q_start, 0)
+    hi = tl.where(lo < hi, hi, 0)  # no query of this call reads these keys (e.g. the cache's future slots)
+    lo = lo // BLOCK_M * BLOCK_M
     full_lo = (tl.maximum(a - q_start, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     full_hi = tl.maximum(b - q_start, 0) // BLOCK_M * BLOCK_M
     hi_up = (hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -119,21 +117,21 @@ def _query_tiles(j_lo, j_hi, start, pe, window, q_start, T, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _fwd_tiles(acc, l, m, q, i, K, V, lo, hi, start, pe, window, S, d, H, scale, softcap,
-               BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _fwd_tiles(acc, l, m, q, i, K, V, lo, hi, start, pe, window, S, d, H, scale, softcap, BLOCK_N: tl.constexpr,
+               SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over the key tiles in [lo, hi): FA2 Algorithm 1's inner loop."""
     for n0 in range(lo, hi, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, j, S, d, H, DOT)                                        # (BLOCK_N, BLOCK_H)
+        k = _load_rows(K, j, S, d, H, DOT)                 # (BLOCK_N, BLOCK_H)
         v = _load_rows(V, j, S, d, H, DOT)
-        s, _ = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)                 # (BLOCK_M, BLOCK_N)
+        s, _ = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)  # (BLOCK_M, BLOCK_N)
         if MASKED:
             s = tl.where(_allowed(i[:, None], j[None, :], start, pe, window, S), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)  # rescales what was summed under the previous max
+        alpha = tl.exp2(m - m_new)                         # rescales what was summed under the previous max
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)          # (BLOCK_M, BLOCK_H)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # (BLOCK_M, BLOCK_H)
         m = m_new
     return acc, l, m
 
@@ -142,16 +140,20 @@ def _fwd_tiles(acc, l, m, q, i, K, V, lo, hi, start, pe, window, S, d, H, scale,
 def _fwd_kernel(Q, K, V, O, LSE, START, PREFIX_END, scale, softcap, window, q_start, N, T, S, H,
                 G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m, bn = _program_ids()           # grid (cdiv(T, BLOCK_M), B * N)
+    pid_m, bn = tl.program_id(0), tl.program_id(1)         # grid (cdiv(T, BLOCK_M), B * N)
     start, pe = _row_mask(START, PREFIX_END, bn // N)
+    head = bn.to(tl.int64)
+    Q += head * T * H                                      # this head's (T, H) queries
+    O += head * T * H
+    LSE += head * T
+    K += head // G * S * H                                 # query head n reads K/V head n // G
+    V += head // G * S * H
     t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_H)
-    q = _load_rows(Q + bn * T * H, t, T, d, H, DOT)                 # (BLOCK_M, BLOCK_H)
+    q = _load_rows(Q, t, T, d, H, DOT)                     # (BLOCK_M, BLOCK_H)
     i_lo = q_start + pid_m * BLOCK_M
     lo, full_lo, full_hi, hi = _key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, q_start + T) - 1,
                                           start, pe, window, S, BLOCK_N)
-    K += bn // G * S * H                                       # query head n reads K/V head n // G
-    V += bn // G * S * H
     # -1e30, not -inf: a row whose first tiles are all masked must give exp2(-inf - m) = 0, not NaN.
     m = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
@@ -163,32 +165,33 @@ def _fwd_kernel(Q, K, V, O, LSE, START, PREFIX_END, scale, softcap, window, q_st
                            BLOCK_N, SOFTCAP, DOT, PRECISION, False)
     acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, full_hi, hi, start, pe, window, S, d, H, scale, softcap,
                            BLOCK_N, SOFTCAP, DOT, PRECISION, True)
-    l = tl.where(t < T, l, 1.0)  # rows past T (not stored) may have seen no key at all
+    l = tl.where(t < T, l, 1.0)                            # rows past T (not stored) may have seen no key at all
     rows = (t[:, None] < T) & (d[None, :] < H)
-    tl.store(O + bn * T * H + t[:, None] * H + d[None, :], (acc / l[:, None]).to(O.dtype.element_ty), mask=rows)
-    tl.store(LSE + bn * T + t, (m + tl.log2(l)) / LOG2E, mask=t < T)  # natural-log logsumexp
+    o = acc / l[:, None]
+    tl.store(O + t[:, None] * H + d[None, :], o.to(O.dtype.element_ty), mask=rows)
+    tl.store(LSE + t, (m + tl.log2(l)) / LOG2E, mask=t < T)  # natural-log logsumexp
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, j, Q, DO, LSE, DELTA, lo, hi, q_start, T, start, pe, window, S, d, H,
-                scale, softcap, BLOCK_M: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, j, Q, DO, LSE, DELTA, lo, hi, q_start, T, start, pe, window, S, d, H, scale, softcap,
+                BLOCK_M: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                 MASKED: tl.constexpr):
     """dK, dV of one key tile from the query tiles in [lo, hi) of one query head: FA2 Algorithm 2."""
     for m0 in range(lo, hi, BLOCK_M):
         t = m0 + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, t, T, d, H, DOT)                                        # (BLOCK_M, BLOCK_H)
+        q = _load_rows(Q, t, T, d, H, DOT)                 # (BLOCK_M, BLOCK_H)
         do = _load_rows(DO, t, T, d, H, DOT)
-        lse = tl.load(LSE + t, mask=t < T, other=float("inf")) * LOG2E      # rows past T: p = 0
+        lse = tl.load(LSE + t, mask=t < T, other=float("inf")) * LOG2E  # rows past T: p = 0
         delta = tl.load(DELTA + t, mask=t < T, other=0.0)
         s, th = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)
-        p = tl.exp2(s - lse[:, None])                                        # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse[:, None])                      # (BLOCK_M, BLOCK_N)
         if MASKED:
             p = tl.where(_allowed((q_start + t)[:, None], j[None, :], start, pe, window, S), p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)                     # (BLOCK_N, BLOCK_H)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)  # (BLOCK_N, BLOCK_H)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])           # softmax backward: dS = P ∘ (dP − rowsum(dO ∘ O))
+        ds = p * (dp - delta[:, None])                     # softmax backward: dS = P ∘ (dP − rowsum(dO ∘ O))
         if SOFTCAP:
-            ds = ds * (1 - th * th)              # d/ds c·tanh(s/c) = 1 − tanh²(s/c)
+            ds = ds * (1 - th * th)                        # d/ds c·tanh(s/c) = 1 − tanh²(s/c)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     return dk, dv
 
@@ -197,20 +200,28 @@ def _dkdv_tiles(dk, dv, k, v, j, Q, DO, LSE, DELTA, lo, hi, q_start, T, start, p
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, START, PREFIX_END, scale, softcap, window, q_start,
                      KV_HEADS, T, S, H, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n, bk = _program_ids()           # grid (cdiv(S, BLOCK_N), B * K)
+    pid_n, bk = tl.program_id(0), tl.program_id(1)         # grid (cdiv(S, BLOCK_N), B * K)
     start, pe = _row_mask(START, PREFIX_END, bk // KV_HEADS)
+    head = bk.to(tl.int64)
+    K += head * S * H                                      # this K/V head's (S, H) keys
+    V += head * S * H
+    DK += head * S * H
+    DV += head * S * H
+    Q += head * G * T * H                                  # its G query heads, one after another
+    DO += head * G * T * H
+    LSE += head * G * T
+    DELTA += head * G * T
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_H)
-    k = _load_rows(K + bk * S * H, j, S, d, H, DOT)                 # (BLOCK_N, BLOCK_H)
-    v = _load_rows(V + bk * S * H, j, S, d, H, DOT)
+    k = _load_rows(K, j, S, d, H, DOT)                     # (BLOCK_N, BLOCK_H)
+    v = _load_rows(V, j, S, d, H, DOT)
     j_lo = pid_n * BLOCK_N
     lo, full_lo, full_hi, hi = _query_tiles(j_lo, tl.minimum(j_lo + BLOCK_N, S) - 1, start, pe, window,
                                             q_start, T, BLOCK_M)
     dk = tl.zeros((BLOCK_N, BLOCK_H), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_H), tl.float32)
     for g in range(G):  # the G query heads reading this K/V head: summed here, so no atomics
-        bn = bk * G + g
-        Qn, DOn, LSEn, DELTAn = Q + bn * T * H, DO + bn * T * H, LSE + bn * T, DELTA + bn * T
+        Qn, DOn, LSEn, DELTAn = Q + g * T * H, DO + g * T * H, LSE + g * T, DELTA + g * T
         dk, dv = _dkdv_tiles(dk, dv, k, v, j, Qn, DOn, LSEn, DELTAn, lo, full_lo, q_start, T, start, pe, window,
                              S, d, H, scale, softcap, BLOCK_M, SOFTCAP, DOT, PRECISION, True)
         dk, dv = _dkdv_tiles(dk, dv, k, v, j, Qn, DOn, LSEn, DELTAn, full_lo, full_hi, q_start, T, start, pe,
@@ -218,26 +229,27 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, START, PREFIX_END, scale, 
         dk, dv = _dkdv_tiles(dk, dv, k, v, j, Qn, DOn, LSEn, DELTAn, full_hi, hi, q_start, T, start, pe, window,
                              S, d, H, scale, softcap, BLOCK_M, SOFTCAP, DOT, PRECISION, True)
     rows = (j[:, None] < S) & (d[None, :] < H)
-    tl.store(DK + bk * S * H + j[:, None] * H + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=rows)
-    tl.store(DV + bk * S * H + j[:, None] * H + d[None, :], dv.to(DV.dtype.element_ty), mask=rows)
+    tl.store(DK + j[:, None] * H + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=rows)
+    tl.store(DV + j[:, None] * H + d[None, :], dv.to(DV.dtype.element_ty), mask=rows)
 
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, i, K, V, lo, hi, start, pe, window, S, d, H, scale, softcap,
-              BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+              BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+              MASKED: tl.constexpr):
     """dQ of one query tile from the key tiles in [lo, hi)."""
     for n0 in range(lo, hi, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, j, S, d, H, DOT)                                        # (BLOCK_N, BLOCK_H)
+        k = _load_rows(K, j, S, d, H, DOT)                 # (BLOCK_N, BLOCK_H)
         v = _load_rows(V, j, S, d, H, DOT)
         s, th = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)
-        p = tl.exp2(s - lse[:, None])                                        # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse[:, None])                      # (BLOCK_M, BLOCK_N)
         if MASKED:
             p = tl.where(_allowed(i[:, None], j[None, :], start, pe, window, S), p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         if SOFTCAP:
             ds = ds * (1 - th * th)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)                                 # (BLOCK_M, BLOCK_H)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # (BLOCK_M, BLOCK_H)
     return dq
 
 
@@ -245,19 +257,25 @@ def _dq_tiles(dq, q, do, lse, delta, i, K, V, lo, hi, start, pe, window, S, d, H
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softcap, window, q_start, N, T, S, H,
                    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                    SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m, bn = _program_ids()           # grid (cdiv(T, BLOCK_M), B * N)
+    pid_m, bn = tl.program_id(0), tl.program_id(1)         # grid (cdiv(T, BLOCK_M), B * N)
     start, pe = _row_mask(START, PREFIX_END, bn // N)
+    head = bn.to(tl.int64)
+    Q += head * T * H
+    DO += head * T * H
+    DQ += head * T * H
+    LSE += head * T
+    DELTA += head * T
+    K += head // G * S * H
+    V += head // G * S * H
     t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_H)
-    q = _load_rows(Q + bn * T * H, t, T, d, H, DOT)                 # (BLOCK_M, BLOCK_H)
-    do = _load_rows(DO + bn * T * H, t, T, d, H, DOT)
-    lse = tl.load(LSE + bn * T + t, mask=t < T, other=0.0) * LOG2E
-    delta = tl.load(DELTA + bn * T + t, mask=t < T, other=0.0)
+    q = _load_rows(Q, t, T, d, H, DOT)                     # (BLOCK_M, BLOCK_H)
+    do = _load_rows(DO, t, T, d, H, DOT)
+    lse = tl.load(LSE + t, mask=t < T, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + t, mask=t < T, other=0.0)
     i_lo = q_start + pid_m * BLOCK_M
     lo, full_lo, full_hi, hi = _key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, q_start + T) - 1,
                                           start, pe, window, S, BLOCK_N)
-    K += bn // G * S * H
-    V += bn // G * S * H
     dq = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
     i = q_start + t
     dq = _dq_tiles(dq, q, do, lse, delta, i, K, V, lo, full_lo, start, pe, window, S, d, H, scale, softcap,
@@ -267,22 +285,23 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softca
     dq = _dq_tiles(dq, q, do, lse, delta, i, K, V, full_hi, hi, start, pe, window, S, d, H, scale, softcap,
                    BLOCK_N, SOFTCAP, DOT, PRECISION, True)
     rows = (t[:, None] < T) & (d[None, :] < H)
-    tl.store(DQ + bn * T * H + t[:, None] * H + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rows)
+    tl.store(DQ + t[:, None] * H + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rows)
 
 
 def tile_config(kernel: str, H: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ("fwd", "dq", "dkdv", "decode").
 
-    GPU values follow FA2's Triton configurations (not tuned here: this session had no GPU); 256-wide
-    and fp32 tiles take twice the shared memory and registers, so they get smaller tiles. The
-    interpreter runs a tile as numpy arrays: 16 keeps the tests fast and crosses many tile boundaries."""
+    GPU values: FA2-like tiles, picked for fewest register spills in ptxas' report for sm_90 (H100),
+    not yet timed (this was written without a GPU). 256-wide and fp32 tiles take twice the registers
+    and shared memory, so they get smaller tiles. The interpreter runs a tile as numpy arrays: 16 x 16
+    keeps the tests fast and crosses many tile boundaries."""
     if INTERPRETED:
         return 16, 16, 1, 1
     big = H > 128 or dtype == torch.float32
-    return {"fwd": (64 if dtype == torch.float32 else 128, 32 if dtype == torch.float32 else 64, 8, 2 if big else 3),
+    return {"fwd": (64, 32 if dtype == torch.float32 else 64, 8, 2) if big else (128, 64, 8, 3),
             "dq": (64, 32 if big else 64, 8, 2),
             "dkdv": (32 if big else 64, 64, 8, 2),
-            "decode": (None, 64, 4, 2)}[kernel]
+            "decode": (None, 64, 8, 2)}[kernel]
 
 
 def kernel_args(q, k, window, q_start):
@@ -314,7 +333,7 @@ def flash_backward(do, q, k, v, o, lse, start, prefix_end, scale, softcap, windo
     B, N, T, H = q.shape
     KV, S = k.shape[1], k.shape[2]
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1)                   # (B, N, T) = rowsum(dO ∘ O) = rowsum(P ∘ dP)
+    delta = (o.float() * do.float()).sum(-1)               # (B, N, T) = rowsum(dO ∘ O) = rowsum(P ∘ dP)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     args = dict(SOFTCAP=softcap is not None, **kernel_args(q, k, window, q_start))
     BLOCK_M, BLOCK_N, warps, stages = tile_config("dkdv", H, q.dtype)

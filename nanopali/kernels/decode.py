@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, _fwd_tiles, _key_tiles, _load_rows, _program_ids, _row_mask, kernel_args, tile_config
+from .flash import LOG2E, _fwd_tiles, _key_tiles, _load_rows, _row_mask, kernel_args, tile_config
 
 # Letters as in flash.py; R = G·T stacked query rows of one K/V head, C number of key chunks (splits).
 
@@ -24,28 +24,31 @@ def _decode_kernel(Q, K, V, M_PART, L_PART, ACC_PART, START, PREFIX_END, scale, 
                    KV_HEADS, T, S, H, CHUNK, SPLITS, G: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr,
                    PRECISION: tl.constexpr):
-    split, bk = _program_ids()           # grid (C, B * K)
+    split, bk = tl.program_id(0), tl.program_id(1)         # grid (C, B * K)
     start, pe = _row_mask(START, PREFIX_END, bk // KV_HEADS)
+    head = bk.to(tl.int64)                                 # int64 head offsets, as in flash.py
+    Q += head * G * T * H                                  # the G query heads of this K/V head
+    K += head * S * H
+    V += head * S * H
     r = tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_H)
-    q = _load_rows(Q + bk * G * T * H, r, G * T, d, H, DOT)         # (BLOCK_R, BLOCK_H): row r = head g·T + query t
+    q = _load_rows(Q, r, G * T, d, H, DOT)                 # (BLOCK_R, BLOCK_H), row r = g·T + t
     lo, full_lo, full_hi, hi = _key_tiles(q_start, q_start + T - 1, start, pe, window, S, BLOCK_N)
-    c0 = split * CHUNK                                         # this program's keys: [c0, c0 + CHUNK)
+    c0 = split * CHUNK                                     # this program's keys: [c0, c0 + CHUNK)
     c1 = c0 + CHUNK
-    K += bk * S * H
-    V += bk * S * H
     m = tl.full((BLOCK_R,), -1.0e30, tl.float32)
     l = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_H), tl.float32)
     i = q_start + r % T
-    acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(lo, c0), tl.minimum(full_lo, c1), start, pe, window,
-                           S, d, H, scale, softcap, BLOCK_N, SOFTCAP, DOT, PRECISION, True)
+    # flash.py's three tile classes, each cut to this chunk
+    acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(lo, c0), tl.minimum(full_lo, c1), start, pe,
+                           window, S, d, H, scale, softcap, BLOCK_N, SOFTCAP, DOT, PRECISION, True)
     acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(full_lo, c0), tl.minimum(full_hi, c1), start, pe,
                            window, S, d, H, scale, softcap, BLOCK_N, SOFTCAP, DOT, PRECISION, False)
-    acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(full_hi, c0), tl.minimum(hi, c1), start, pe, window,
-                           S, d, H, scale, softcap, BLOCK_N, SOFTCAP, DOT, PRECISION, True)
-    part = (bk * SPLITS + split) * BLOCK_R + r                 # partials: (B * K, C, BLOCK_R[, BLOCK_H]) fp32
-    tl.store(M_PART + part, m)                                 # a chunk with no allowed key: m = -1e30, l = 0
+    acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(full_hi, c0), tl.minimum(hi, c1), start, pe,
+                           window, S, d, H, scale, softcap, BLOCK_N, SOFTCAP, DOT, PRECISION, True)
+    part = (bk * SPLITS + split) * BLOCK_R + r             # partials: (B * K, C, BLOCK_R[, BLOCK_H]) fp32
+    tl.store(M_PART + part, m)                             # a chunk with no allowed key: m = -1e30, l = 0
     tl.store(L_PART + part, l)
     tl.store(ACC_PART + part[:, None] * BLOCK_H + d[None, :], acc)
 
@@ -53,18 +56,18 @@ def _decode_kernel(Q, K, V, M_PART, L_PART, ACC_PART, START, PREFIX_END, scale, 
 @triton.jit
 def _combine_kernel(M_PART, L_PART, ACC_PART, O, LSE, SPLITS, R, H, BLOCK_R: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
-    r, bk = _program_ids()               # grid (R, B * K)
+    r, bk = tl.program_id(0), tl.program_id(1)             # grid (R, B * K)
     c = tl.arange(0, BLOCK_C)
     d = tl.arange(0, BLOCK_H)
-    part = (bk * SPLITS + c) * BLOCK_R + r                     # (BLOCK_C,)
+    part = (bk * SPLITS + c) * BLOCK_R + r                 # (BLOCK_C,)
     m = tl.load(M_PART + part, mask=c < SPLITS, other=-1.0e30)
     l = tl.load(L_PART + part, mask=c < SPLITS, other=0.0)
     acc = tl.load(ACC_PART + part[:, None] * BLOCK_H + d[None, :], mask=c[:, None] < SPLITS, other=0.0)
     m_all = tl.max(m, 0)
-    w = tl.exp2(m - m_all)                                     # (BLOCK_C,) each chunk's rescaling
+    w = tl.exp2(m - m_all)                                 # (BLOCK_C,) each chunk's rescaling
     l_all = tl.sum(l * w, 0)
-    o = tl.sum(acc * w[:, None], 0) / l_all                    # (BLOCK_H,)
-    tl.store(O + (bk * R + r) * H + d, o.to(O.dtype.element_ty), mask=d < H)
+    o = tl.sum(acc * w[:, None], 0) / l_all                # (BLOCK_H,)
+    tl.store(O + (bk.to(tl.int64) * R + r) * H + d, o.to(O.dtype.element_ty), mask=d < H)
     tl.store(LSE + bk * R + r, (m_all + tl.log2(l_all)) / LOG2E)
 
 
@@ -82,7 +85,7 @@ def decode_forward(q, k, v, start, prefix_end, scale, softcap, window, q_start, 
     R = N // KV * T
     _, BLOCK_N, warps, stages = tile_config("decode", H, q.dtype)
     splits = num_splits or default_splits(B, KV, S, q.device)
-    chunk = triton.cdiv(triton.cdiv(S, splits), BLOCK_N) * BLOCK_N   # a multiple of BLOCK_N: tiles stay aligned
+    chunk = triton.cdiv(triton.cdiv(S, splits), BLOCK_N) * BLOCK_N  # a multiple of BLOCK_N: tiles stay aligned
     splits = triton.cdiv(S, chunk)
     args = kernel_args(q, k, window, q_start)
     BLOCK_R, BLOCK_H = max(16, triton.next_power_of_2(R)), args["BLOCK_H"]
