@@ -103,7 +103,7 @@ def smoke_interpreter():
           f"max |kernel - reference| = {(got - want).abs().max().item():.2e}")
 
 
-if __name__ == "__main__":
+def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[288, 1056, 4128])
     parser.add_argument("--tokens", type=int, default=8192, help="batch B = max(1, tokens // S)")
@@ -112,3 +112,7 @@ if __name__ == "__main__":
         bench_cuda(args.lengths, args.tokens)
     else:
         smoke_interpreter()
+
+
+if __name__ == "__main__":
+    main()
