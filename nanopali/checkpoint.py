@@ -313,10 +313,18 @@ def load_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "a
     return model
 
 
-def load(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto"):
-    """(model, processor) from a Hugging Face PaliGemma / PaliGemma 2 checkpoint directory."""
+def load(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, variant=None,
+         tokenizer: str | None = None):
+    """(model, processor) from a Hugging Face PaliGemma / PaliGemma 2 checkpoint directory, or from a
+    big_vision `.npz` file, which needs `tokenizer=` and takes `variant=` (see `nanopali.bigvision.load`)."""
     from .processing import Processor
 
+    if os.fspath(path).endswith(".npz"):
+        from . import bigvision
+        return bigvision.load(path, variant, tokenizer, dtype, device, attn_impl)
+    if variant is not None or tokenizer is not None:
+        raise CheckpointError(f"variant= and tokenizer= are for big_vision .npz files; {path} is loaded as a "
+                              "Hugging Face directory, whose config.json and tokenizer.model say both")
     tok = os.path.join(os.fspath(path), "tokenizer.model")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(tok):
         raise CheckpointError(f"No tokenizer.model in {path} (the SentencePiece file of the checkpoint)")

@@ -39,7 +39,14 @@ class GemmaConfig:
     query_pre_attn_scalar: float | None = None  # None: scale by head_dim^-½
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    """Final-logit soft-cap c·tanh(logits/c); None = off (spec §7 #7). transformers: 30.0 from a PaliGemma 2
+    config.json (the default here, and big_vision's model default); big_vision's transfer configs
+    (forkme.py, the fine-tuning notebook) set `final_logits_softcap=0.0`, i.e. off: set None for that."""
     sliding_window: int | None = None
+    """Keys a suffix query sees on "sliding_attention" layers; None = full attention (spec §7 #5, #6).
+    transformers: 4096 on PaliGemma 2's even layers (the default here); the prefix is never windowed.
+    big_vision: not implemented ("we mostly use sequences <4096"): set None for that. Only differs when a
+    suffix token is ≥ 4096 tokens after a key, i.e. PaliGemma 2 at 896 px (4096 image tokens)."""
     layer_types: tuple[str, ...] = ()         # "sliding_attention" / "full_attention" per layer
 
     def window(self, layer: int) -> int | None:

@@ -5,6 +5,8 @@ onto white) → squash to S×S with PIL bicubic on uint8 → ×1/255 (float64, t
 Text (spec §2.1, §10): [<image>]×P·n [BOS] sp(prompt + "\\n") | sp(suffix) [EOS], rows left-padded
 with <pad> (transformers' tokenizer pads on the left), token_type_ids 1 on suffix + EOS.
 The tokenizer is the checkpoint's own `tokenizer.model`, read with sentencepiece (no transformers).
+Two of big_vision's differences are switches, defaulting to transformers: `Processor.image_resize`
+(bilinear, re-quantized to uint8) and `Processor.separator` ("\\n" tokenized on its own).
 """
 from __future__ import annotations
 
@@ -70,21 +72,58 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def preprocess_image(image, size: int) -> torch.Tensor:
-    """(3, size, size) float32 in [-1, 1], bit-identical to transformers' PIL backend."""
-    im = to_rgb(load_image(image)).resize((size, size), resample=Image.Resampling.BICUBIC)
-    x = (np.asarray(im, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
-    x = (x - np.float32(0.5)) / np.float32(0.5)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+IMAGE_RESIZES = ("bicubic", "bilinear", "bilinear_antialias")  # see Processor.image_resize
+
+
+def preprocess_image(image, size: int, resize: str = "bicubic") -> torch.Tensor:
+    """(3, size, size) float32 in [-1, 1]. resize "bicubic": bit-identical to transformers' PIL backend;
+    "bilinear" / "bilinear_antialias": big_vision's pp ops (see `Processor.image_resize`)."""
+    if resize not in IMAGE_RESIZES:
+        raise InputError(f"image_resize must be one of {IMAGE_RESIZES}, got {resize!r}")
+    im = to_rgb(load_image(image))
+    if resize == "bicubic":
+        im = im.resize((size, size), resample=Image.Resampling.BICUBIC)
+        x = (np.asarray(im, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
+        x = (x - np.float32(0.5)) / np.float32(0.5)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    # big_vision `resize`: tf.image.resize (bilinear, half-pixel centres = torch's align_corners=False),
+    # then clip and tf.cast back to uint8, which truncates; then `value_range(-1, 1)`: x/255·2 − 1 in fp32.
+    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)[None].float()      # (1, 3, h, w)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                        antialias=resize == "bilinear_antialias")
+    x = x.clamp(0, 255).trunc()[0]                                                           # (3, S, S) uint8 values
+    return -1.0 + (x / 255.0) * 2.0
 
 
 class Processor:
     """Turns images and prompts into the tensors `PaliGemma.forward` takes, and ids back into text."""
 
+    image_resize: str = "bicubic"
+    """How an image is squashed to S×S (spec §4, §7 #3).
+    "bicubic" (default): transformers (PIL bicubic on uint8, its PIL backend bit for bit).
+    "bilinear": big_vision's pp `resize(S)` (bilinear, antialias=False, the pp default), clipped and cast back
+      to uint8 (a truncation), then `value_range(-1, 1)`. Emulated with torch's bilinear interpolate, whose
+      half-pixel centres are TF2's; equal up to float rounding at the truncation.
+    "bilinear_antialias": the same with antialias=True (big_vision's forkme config), via torch's antialiased
+      bilinear (a triangle filter widened by the scale, as TF's); not compared bit for bit with TensorFlow.
+    Colour conversion is transformers' in every mode (alpha over white; big_vision's decoder drops alpha)."""
+    separator: str = "joint"
+    """How the "\\n" ending the prefix is tokenized (spec §2.6, §7 #4).
+    "joint" (default): transformers, sp.encode(prompt + "\\n").
+    "separate": big_vision, sp.encode(prompt) + sp.encode("\\n").
+    They differ only where SentencePiece merges the "\\n" into the prompt's tail, e.g. a prompt that already
+    ends in "\\n" with Gemma's "\\n\\n" piece."""
+
     def __init__(self, tokenizer_path: str, image_size: int, num_image_tokens: int, image_token_id: int,
-                 bos_id: int = 2, eos_id: int = 1, pad_id: int = 0):
+                 bos_id: int = 2, eos_id: int = 1, pad_id: int = 0, image_resize: str = "bicubic",
+                 separator: str = "joint"):
         import sentencepiece as spm
 
+        if image_resize not in IMAGE_RESIZES:
+            raise InputError(f"image_resize must be one of {IMAGE_RESIZES}, got {image_resize!r}")
+        if separator not in ("joint", "separate"):
+            raise InputError(f"separator must be 'joint' (transformers) or 'separate' (big_vision), got {separator!r}")
+        self.image_resize, self.separator = image_resize, separator
         if not os.path.isfile(tokenizer_path):
             raise InputError(f"Tokenizer file not found: {tokenizer_path}")
         self.sp = spm.SentencePieceProcessor()
@@ -114,8 +153,11 @@ class Processor:
         return self.seg0 + k
 
     def prompt_ids(self, prompt: str, num_images: int = 1) -> list[int]:
-        return [self.image_token_id] * (self.num_image_tokens * num_images) + [self.bos_id] + \
-            self.sp.encode(prompt + "\n")
+        if self.separator == "joint":
+            text = self.sp.encode(prompt + "\n")
+        else:
+            text = self.sp.encode(prompt) + self.sp.encode("\n")
+        return [self.image_token_id] * (self.num_image_tokens * num_images) + [self.bos_id] + text
 
     def suffix_ids(self, suffix: str) -> list[int]:
         """No BOS, no dummy-prefix space, not glued to the "\\n" (spec §2.1: suffix "beach" → 54901)."""
@@ -139,7 +181,7 @@ class Processor:
             imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
             if not isinstance(prompt, str):
                 raise InputError(f"Prompt {i} is a {type(prompt).__name__}, expected a string")
-            pixels += [preprocess_image(im, self.image_size) for im in imgs]
+            pixels += [preprocess_image(im, self.image_size, self.image_resize) for im in imgs]
             ids = self.prompt_ids(prompt, len(imgs))
             suffix = self.suffix_ids(suffixes[i]) if suffixes is not None else []
             if max_length is not None and len(ids) + len(suffix) > max_length:
