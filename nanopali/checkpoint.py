@@ -20,11 +20,14 @@ import os
 import re
 import struct
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 
 from .config import PaliGemmaConfig, from_hf_config, to_hf_config
 from .model import PaliGemma
+from .vit import resample_pos_embed
 
 
 class CheckpointError(ValueError):
@@ -180,8 +183,11 @@ def nanopali_names(cfg: PaliGemmaConfig) -> dict[str, str]:
     return {hf_to_nanopali(k, cfg.generation): k for k in hub_names(cfg)}
 
 
-def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device) -> None:
-    """Fill a meta-device model from safetensors files, strictly, one tensor at a time."""
+def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device, resample_pos: bool = False) -> None:
+    """Fill a meta-device model from safetensors files, strictly, one tensor at a time.
+
+    resample_pos: a SigLIP position table of another resolution is resampled to the model's grid
+    (`vit.resample_pos_embed`) instead of being reported as mis-shaped."""
     params = dict(model.named_parameters())
     gen = model.cfg.generation
     seen, unexpected, misshaped, head = set(), [], [], None
@@ -195,6 +201,11 @@ def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device) -
                 name = hf_to_nanopali(key, gen)
                 if name not in params:
                     unexpected.append(key)
+                    continue
+                if name == "vision_tower.pos_embed" and resample_pos and info["shape"] != list(params[name].shape):
+                    pos = _read_tensor(f, info, start, torch.float32, device)
+                    _assign(model, name, resample_pos_embed(pos, params[name].shape[0]).to(dtype))
+                    seen.add(name)
                     continue
                 if tuple(info["shape"]) != tuple(params[name].shape):
                     misshaped.append(f"{key}: expected {list(params[name].shape)}, found {info['shape']}")
@@ -294,8 +305,12 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def load_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto") -> PaliGemma:
-    """The model alone from a Hugging Face checkpoint directory (config.json + safetensors)."""
+def load_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto",
+               image_size: int | None = None) -> PaliGemma:
+    """The model alone from a Hugging Face checkpoint directory (config.json + safetensors).
+
+    image_size: run at another resolution than the checkpoint's (the paper's stage 2, 224 → 448 → 896):
+    SigLIP's position table is resampled bilinearly on its grid. The native size never resamples."""
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -304,19 +319,25 @@ def load_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "a
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory (config.json, tokenizer.model, "
                               "*.safetensors)")
     cfg = read_config(path)
+    if image_size is not None and image_size != cfg.vision.image_size:
+        if image_size <= 0 or image_size % cfg.vision.patch_size:
+            raise CheckpointError(f"image_size={image_size} is not a positive multiple of the patch size "
+                                  f"{cfg.vision.patch_size}")
+        cfg = replace(cfg, vision=replace(cfg.vision, image_size=image_size))
     files = weight_files(path)
     with torch.device("meta"):
         model = PaliGemma(cfg)
-    load_state(model, files, dtype, device)
+    load_state(model, files, dtype, device, resample_pos=image_size is not None)
     model.eval()
     model.attn_impl = attn_impl
     return model
 
 
 def load(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, variant=None,
-         tokenizer: str | None = None):
+         tokenizer: str | None = None, image_size: int | None = None):
     """(model, processor) from a Hugging Face PaliGemma / PaliGemma 2 checkpoint directory, or from a
-    big_vision `.npz` file, which needs `tokenizer=` and takes `variant=` (see `nanopali.bigvision.load`)."""
+    big_vision `.npz` file, which needs `tokenizer=` and takes `variant=` (see `nanopali.bigvision.load`).
+    image_size (HF directories): load into another resolution, resampling the position table."""
     from .processing import Processor
 
     if os.fspath(path).endswith(".npz"):
@@ -328,7 +349,7 @@ def load(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto", 
     tok = os.path.join(os.fspath(path), "tokenizer.model")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(tok):
         raise CheckpointError(f"No tokenizer.model in {path} (the SentencePiece file of the checkpoint)")
-    model = load_model(path, dtype, device, attn_impl)
+    model = load_model(path, dtype, device, attn_impl, image_size)
     cfg = model.cfg
     processor = Processor(tok, cfg.vision.image_size, cfg.num_image_tokens, cfg.image_token_id,
                           cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)

@@ -75,11 +75,21 @@ class PaliGemma(nn.Module):
         return h, mask
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """Logits (B, T_text, V) at the text positions (every position that is not an image token)."""
+        """Logits (B, T_text, V) at the text positions (every position that is not an image token).
+
+        With a different number of images per row, each row's text positions are right-aligned and
+        the rows with fewer are padded at the front with zeros."""
         h, _ = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids)
-        is_text = input_ids != self.cfg.image_token_id
+        is_text = input_ids != self.cfg.image_token_id                                # (B, T)
         counts = is_text.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise ValueError("rows hold different numbers of text positions; pad them to one length")
-        h = h[is_text].view(h.shape[0], int(counts[0]), h.shape[-1])                  # (B, T_text, D)
-        return self.language_model.logits(h)
+        T_text = int(counts.max())
+        if bool((counts == T_text).all()):
+            h = h[is_text].view(h.shape[0], T_text, h.shape[-1])                      # (B, T_text, D)
+            return self.language_model.logits(h)
+        # Rows with more images have fewer text positions: right-align each row's text positions
+        # (as its tokens are) and fill the front with zeros, like the pads of the input.
+        logits = self.language_model.logits(h[is_text])                              # (sum T_text, V)
+        out = logits.new_zeros(h.shape[0], T_text, logits.shape[-1])
+        col = torch.cumsum(is_text, 1) - 1 + (T_text - counts)[:, None]               # (B, T)
+        out[torch.nonzero(is_text, as_tuple=True)[0], col[is_text]] = logits
+        return out

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse larger images (PIL's own bomb limit is ~179 MP)
 
@@ -114,6 +114,10 @@ class Processor:
     They differ only where SentencePiece merges the "\\n" into the prompt's tail, e.g. a prompt that already
     ends in "\\n" with Gemma's "\\n\\n" piece."""
 
+    allow_text_only: bool = False
+    """Whether a row may have no image. The released models were never trained that way, so by default
+    it is refused; a row's images may otherwise number one or more (each image its own <image> block)."""
+
     def __init__(self, tokenizer_path: str, image_size: int, num_image_tokens: int, image_token_id: int,
                  bos_id: int = 2, eos_id: int = 1, pad_id: int = 0, image_resize: str = "bicubic",
                  separator: str = "joint"):
@@ -165,7 +169,9 @@ class Processor:
 
     def __call__(self, images: Sequence, prompts: Sequence[str], suffixes: Sequence[str] | None = None,
                  max_length: int | None = None) -> dict[str, torch.Tensor]:
-        """images: one image (path or PIL) per prompt, or a list of images per prompt."""
+        """images: one image (path or PIL) per prompt, or a list of images per prompt (several images,
+        or video frames: their <image> blocks follow one another before BOS, as transformers lays out
+        repeated <image> tokens; they all belong to the one bidirectional prefix)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(images, (list, tuple)):
@@ -179,6 +185,9 @@ class Processor:
         rows, types, pixels = [], [], []
         for i, (imgs, prompt) in enumerate(zip(images, prompts)):
             imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+            if not imgs and not self.allow_text_only:
+                raise InputError(f"Prompt {i} has no image; PaliGemma answers about images (set "
+                                 "processor.allow_text_only = True to run the decoder on text alone)")
             if not isinstance(prompt, str):
                 raise InputError(f"Prompt {i} is a {type(prompt).__name__}, expected a string")
             pixels += [preprocess_image(im, self.image_size, self.image_resize) for im in imgs]
@@ -195,7 +204,7 @@ class Processor:
             "input_ids": torch.tensor([[self.pad_id] * p + r for p, r in zip(pad, rows)]),
             "attention_mask": torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pad, rows)]),
             "token_type_ids": torch.tensor([[0] * p + t for p, t in zip(pad, types)]),
-            "pixel_values": torch.stack(pixels),
+            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, self.image_size, self.image_size),
         }
 
     def decode(self, ids) -> str:
