@@ -4,6 +4,8 @@ from .config import PRESETS, PaliGemmaConfig, preset
 from .masking import PrefixLMMask
 from .model import PaliGemma
 from .processing import InputError, Processor
+from .generate import generate
+from .video import video_frames
 
 __all__ = ["load", "save_checkpoint", "CheckpointError", "InputError", "PaliGemma", "PaliGemmaConfig",
-           "PRESETS", "preset", "PrefixLMMask", "Processor"]
+           "PRESETS", "preset", "PrefixLMMask", "Processor", "generate", "video_frames"]
