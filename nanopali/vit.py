@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import attention, reference_attention, resolve_impl, sdpa_attention
 
 # Letters: B batch, P patches (image tokens), W width, N heads, H head dim.
 
@@ -47,11 +47,19 @@ class SelfAttention(nn.Module):
         self.v = nn.Linear(cfg.width, cfg.width)
         self.o = nn.Linear(cfg.width, cfg.width)
 
-    def forward(self, x: torch.Tensor, attn_impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_impl: str, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """key_mask (B, P), 1 = real: rows padded on the right (SigLIP's text tower, SigLIP 2 NaFlex patches),
+        whose pads no query may read. None = full attention (PaliGemma's fixed-size images)."""
         B, P, W = x.shape
         q, k, v = (proj(x).view(B, P, self.num_heads, self.head_dim).transpose(1, 2)  # (B, N, P, H)
                    for proj in (self.q, self.k, self.v))
-        o = attention(q, k, v, None, scale=self.head_dim ** -0.5, impl=attn_impl)   # full attention
+        scale = self.head_dim ** -0.5
+        if key_mask is None:
+            o = attention(q, k, v, None, scale=scale, impl=attn_impl)               # full attention
+        else:  # right pads are not a prefix-LM layout, so the dense mask goes to the unfused paths
+            allowed = key_mask.bool()[:, None, None, :]                              # (B, 1, 1, P)
+            impl = resolve_impl(attn_impl, q.device, None)
+            o = (reference_attention if impl == "reference" else sdpa_attention)(q, k, v, allowed, scale)
         return self.o(o.transpose(1, 2).reshape(B, P, W))
 
 
@@ -73,8 +81,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_impl: str):
-        x = x + self.attn(self.norm1(x), attn_impl)
+    def forward(self, x, attn_impl: str, key_mask: torch.Tensor | None = None):
+        x = x + self.attn(self.norm1(x), attn_impl, key_mask)
         return x + self.mlp(self.norm2(x))
 
 

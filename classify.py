@@ -1,0 +1,84 @@
+"""Zero-shot image classification with SigLIP / SigLIP 2: which of your labels fit an image?
+
+    python classify.py --checkpoint DIR --image cat.jpg --labels "a cat,a dog,a car"
+    python classify.py --checkpoint DIR --image cat.jpg --labels-file labels.txt --top 5 --json
+
+DIR is a Hugging Face SigLIP or SigLIP 2 directory (google/siglip-*, google/siglip2-*, NaFlex too).
+Each label goes into --template ("This is a photo of {}.", transformers' pipeline default) and gets its
+own probability sigmoid(logit): they do not sum to 1, and an image can fit several labels or none.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Hugging Face SigLIP / SigLIP 2 directory")
+    p.add_argument("--image", required=True, action="append", help="image path (repeatable)")
+    p.add_argument("--labels", help="comma-separated labels")
+    p.add_argument("--labels-file", help="one label per line (for labels with commas)")
+    p.add_argument("--template", default="This is a photo of {}.", help="'{}' marks where the label goes; "
+                   "'{}' alone uses the labels as they are")
+    p.add_argument("--top", type=int, default=5, help="how many labels to print per image")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    return p.parse_args(argv)
+
+
+def read_labels(args) -> list[str]:
+    from nanopali.processing import InputError
+
+    if (args.labels is None) == (args.labels_file is None):
+        raise InputError("Give the labels with exactly one of --labels \"a,b,c\" or --labels-file FILE")
+    if args.labels is not None:
+        labels = [s.strip() for s in args.labels.split(",")]
+    else:
+        try:
+            with open(args.labels_file, encoding="utf-8") as f:
+                labels = [s.strip() for s in f]
+        except OSError as e:
+            raise InputError(f"Cannot read --labels-file {args.labels_file} ({e.strerror})") from None
+    labels = [s for s in labels if s]
+    if not labels:
+        raise InputError("No labels: --labels / --labels-file gave only empty entries")
+    if len(set(labels)) != len(labels):
+        raise InputError(f"Labels repeat: {', '.join(sorted({s for s in labels if labels.count(s) > 1}))}")
+    return labels
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nanopali.checkpoint import resolve_device
+    from nanopali.processing import InputError
+    from nanopali.siglip_checkpoint import load
+    from nanopali.siglip_processing import zero_shot
+
+    labels = read_labels(args)
+    if args.top < 1:
+        raise InputError(f"--top must be ≥ 1, got {args.top}")
+    device = resolve_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    model, processor = load(args.checkpoint, dtype=dtype, device=device)
+    for path in args.image:
+        ranked = zero_shot(model, processor, path, labels, args.template)[: args.top]
+        if args.json:
+            print(json.dumps({"image": path, "labels": [{"label": s, "probability": p} for s, p in ranked]}))
+            continue
+        if len(args.image) > 1:
+            print(f"[{path}]")
+        for label, prob in ranked:
+            print(f"{prob:7.2%}  {label}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, OSError) as e:  # InputError and CheckpointError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
