@@ -120,12 +120,15 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     import nanopali
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"device {device}, {args.dtype}; real widths, {args.text_layers} text / {args.vision_layers} vision layers")
+          f"{torch.get_num_threads()} threads, device {device}, {args.dtype}; real widths, {args.text_layers} text / {args.vision_layers} vision layers")
     rows = []
     for gen in args.generation:
         with tempfile.TemporaryDirectory() as d:

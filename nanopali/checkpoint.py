@@ -8,112 +8,24 @@ names (`model.language_model.*`, `lm_head.weight`), and what transformers 5 `sav
 by the table in `_RENAMES`: the one place that says which HF tensor is which of ours.
 
 Loading is strict: one error lists every missing, unexpected and mis-shaped tensor. The model is
-built on the meta device and each tensor is read from the file straight into its parameter, so peak
-RAM is the model plus one tensor (we read with plain file reads, not mmap, so that pages of the
-file are not also counted against the process). No pickle anywhere.
+built on the meta device and each tensor is read from the file straight into its parameter
+(files.py), so peak RAM is the model plus a 64 MiB piece. No pickle anywhere.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import struct
-
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from .config import PaliGemmaConfig, from_hf_config, to_hf_config
+from .files import (CheckpointError, atomic_write, read_safetensors_header, read_tensor,  # noqa: F401
+                    resolve_device, resolve_dtype, weight_files)
 from .model import PaliGemma
 from .vit import resample_pos_embed
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is; the message names the file and the tensors."""
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-def read_safetensors_header(path: str) -> tuple[dict, int]:
-    """(tensor table, byte offset of the data) of a .safetensors file, validated against its size."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
-            raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {n} bytes)")
-        try:
-            table = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
-    if not isinstance(table, dict):
-        raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
-    table.pop("__metadata__", None)
-    for name, t in table.items():
-        try:
-            dtype, shape, (b, e) = t["dtype"], [int(d) for d in t["shape"]], t["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path} is corrupt: tensor {name} has no valid dtype/shape/data_offsets") from None
-        if dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        if not 0 <= b <= e or 8 + n + e > size:
-            raise CheckpointError(f"{path} is truncated or corrupt: tensor {name} spans bytes {b}..{e} of the "
-                                  f"data, but the file has {size - 8 - n}")
-        if e - b != math.prod(shape) * _ST_DTYPES[dtype].itemsize:
-            raise CheckpointError(f"{path} is corrupt: tensor {name} is {dtype}{shape} but spans {e - b} bytes")
-    return table, 8 + n
-
-
-_CHUNK_BYTES = 64 << 20
-
-
-def _read_tensor(f, info: dict, data_start: int, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
-    """One tensor of a safetensors file, converted to dtype/device while it is read.
-
-    The file is read in 64 MiB pieces straight into the destination, so loading never holds a second
-    full-size copy of a tensor (the fp32 embedding of a 3B model is 2.1 GB; in bf16 it becomes 1.05)."""
-    src = _ST_DTYPES[info["dtype"]]
-    out = torch.empty(info["shape"], dtype=dtype or src, device=device)
-    f.seek(data_start + info["data_offsets"][0])
-    if out.dtype == src and out.device.type == "cpu":
-        f.readinto(out.view(-1).view(torch.uint8).numpy())
-        return out
-    flat, size = out.view(-1), src.itemsize
-    step = max(1, _CHUNK_BYTES // size)
-    for i in range(0, flat.numel(), step):
-        m = min(step, flat.numel() - i)
-        buf = torch.empty(m * size, dtype=torch.uint8)
-        f.readinto(buf.numpy())
-        flat[i:i + m].copy_(buf.view(src))
-    return out
-
-
-def weight_files(ckpt_dir: str) -> list[str]:
-    """The safetensors files of a checkpoint directory, from the shard index when there is one."""
-    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{index} is not a valid shard index ({e})") from None
-        missing = [n for n in names if not os.path.isfile(os.path.join(ckpt_dir, n))]
-        if missing:
-            raise CheckpointError(f"{index} names shard(s) that are not in {ckpt_dir}: {', '.join(missing)}")
-        return [os.path.join(ckpt_dir, n) for n in names]
-    single = os.path.join(ckpt_dir, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    if any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(ckpt_dir)):
-        raise CheckpointError(f"{ckpt_dir} holds only pickle weights (.bin/.pt); nanopali loads safetensors only")
-    raise CheckpointError(f"No model.safetensors or model.safetensors.index.json in {ckpt_dir}")
 
 
 # HF name (canonical hub layout, `vision_model.` dropped) → nanopali name. PaliGemma 1 calls its
@@ -203,7 +115,7 @@ def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device, r
                     unexpected.append(key)
                     continue
                 if name == "vision_tower.pos_embed" and resample_pos and info["shape"] != list(params[name].shape):
-                    pos = _read_tensor(f, info, start, torch.float32, device)
+                    pos = read_tensor(f, info, start, torch.float32, device)
                     _assign(model, name, resample_pos_embed(pos, params[name].shape[0]).to(dtype))
                     seen.add(name)
                     continue
@@ -213,7 +125,7 @@ def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device, r
                 if name in seen:
                     unexpected.append(f"{key} (duplicate)")
                     continue
-                _assign(model, name, _read_tensor(f, info, start, dtype, device))
+                _assign(model, name, read_tensor(f, info, start, dtype, device))
                 seen.add(name)
     missing = [n for n in params if n not in seen]
     if missing or unexpected or misshaped:
@@ -227,7 +139,7 @@ def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device, r
     if head is not None:
         path, info, start = head
         with open(path, "rb") as f:
-            w = _read_tensor(f, info, start, dtype, device)
+            w = read_tensor(f, info, start, dtype, device)
         if w.shape != model.language_model.embed.weight.shape or not torch.equal(w, model.language_model.embed.weight):
             raise CheckpointError(f"{path}: lm_head.weight differs from the token embedding; PaliGemma ties them")
 
@@ -254,19 +166,6 @@ def save_checkpoint(model: PaliGemma, out_dir: str, tokenizer_path: str | None =
         atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda tmp: open(tmp, "wb").write(data))
 
 
-def atomic_write(path: str, write) -> None:
-    """write(tmp_path), fsync, then os.replace: a crash leaves the old file or the new, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def read_config(ckpt_dir: str) -> PaliGemmaConfig:
     path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(path):
@@ -278,31 +177,6 @@ def read_config(ckpt_dir: str) -> PaliGemmaConfig:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"Unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
-
-
-def resolve_device(device) -> torch.device:
-    try:
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") \
-            else torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"Unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Device {device!r} requested but this PyTorch sees no CUDA GPU")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"Unsupported device {device!r}; use 'cpu' or 'cuda'")
-    return dev
 
 
 def load_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto",

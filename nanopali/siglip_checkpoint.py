@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .checkpoint import (CheckpointError, _read_tensor, read_safetensors_header, resolve_device, resolve_dtype,
+from .checkpoint import (CheckpointError, read_tensor, read_safetensors_header, resolve_device, resolve_dtype,
                          weight_files)
 from .checkpoint import hf_to_nanopali as paligemma_name, read_config as read_paligemma_config
 from .config import PaliGemmaConfig, preset as paligemma_preset
@@ -152,7 +152,7 @@ def load_state(model: nn.Module, files: list[str], dtype: torch.dtype, device, p
                 else:
                     mod_name, _, attr = name.rpartition(".")
                     mod = model.get_submodule(mod_name)
-                    value = _read_tensor(f, info, start, dtype, device)
+                    value = read_tensor(f, info, start, dtype, device)
                     mod._parameters[attr] = nn.Parameter(value, requires_grad=mod._parameters[attr].requires_grad)
                     seen.add(name)
     missing = [n for n in params if n not in seen]

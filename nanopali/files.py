@@ -1,0 +1,140 @@
+"""Files on disk: the safetensors format read by hand, atomic writes, dtype/device names, one error type.
+
+safetensors is an 8-byte header length, a JSON table {name: {dtype, shape, data_offsets}} and the raw
+bytes. nanopali reads it itself (the `safetensors` package still writes): every tensor is validated
+against the file's size before anything is read, and read with plain file reads straight into its
+destination, converting dtype in 64 MiB pieces, so a load never holds a second full copy nor has the
+file's pages mapped into the process (which would count against its memory).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message names the file and the tensors."""
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """(tensor table, byte offset of the data) of a .safetensors file, validated against its size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {n} bytes)")
+        try:
+            table = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    table.pop("__metadata__", None)
+    for name, t in table.items():
+        try:
+            dtype, shape, (b, e) = t["dtype"], [int(d) for d in t["shape"]], t["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path} is corrupt: tensor {name} has no valid dtype/shape/data_offsets") from None
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        if not 0 <= b <= e or 8 + n + e > size:
+            raise CheckpointError(f"{path} is truncated or corrupt: tensor {name} spans bytes {b}..{e} of the "
+                                  f"data, but the file has {size - 8 - n}")
+        if e - b != math.prod(shape) * _ST_DTYPES[dtype].itemsize:
+            raise CheckpointError(f"{path} is corrupt: tensor {name} is {dtype}{shape} but spans {e - b} bytes")
+    return table, 8 + n
+
+
+_CHUNK_BYTES = 64 << 20
+
+
+def read_tensor(f, info: dict, data_start: int, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
+    """One tensor of a safetensors file, converted to dtype/device while it is read.
+
+    The file is read in 64 MiB pieces straight into the destination, so loading never holds a second
+    full-size copy of a tensor (the fp32 embedding of a 3B model is 2.1 GB; in bf16 it becomes 1.05)."""
+    src = _ST_DTYPES[info["dtype"]]
+    out = torch.empty(info["shape"], dtype=dtype or src, device=device)
+    f.seek(data_start + info["data_offsets"][0])
+    if out.dtype == src and out.device.type == "cpu":
+        f.readinto(out.view(-1).view(torch.uint8).numpy())
+        return out
+    flat, size = out.view(-1), src.itemsize
+    step = max(1, _CHUNK_BYTES // size)
+    for i in range(0, flat.numel(), step):
+        m = min(step, flat.numel() - i)
+        buf = torch.empty(m * size, dtype=torch.uint8)
+        f.readinto(buf.numpy())
+        flat[i:i + m].copy_(buf.view(src))
+    return out
+
+
+def weight_files(ckpt_dir: str) -> list[str]:
+    """The safetensors files of a checkpoint directory, from the shard index when there is one."""
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a valid shard index ({e})") from None
+        missing = [n for n in names if not os.path.isfile(os.path.join(ckpt_dir, n))]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are not in {ckpt_dir}: {', '.join(missing)}")
+        return [os.path.join(ckpt_dir, n) for n in names]
+    single = os.path.join(ckpt_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    if any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(ckpt_dir)):
+        raise CheckpointError(f"{ckpt_dir} holds only pickle weights (.bin/.pt); nanopali loads safetensors only")
+    raise CheckpointError(f"No model.safetensors or model.safetensors.index.json in {ckpt_dir}")
+
+
+def atomic_write(path: str, write) -> None:
+    """write(tmp_path), fsync, then os.replace: a crash leaves the old file or the new, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"Unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+
+
+def resolve_device(device) -> torch.device:
+    try:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") \
+            else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {device!r} requested but this PyTorch sees no CUDA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"Unsupported device {device!r}; use 'cpu' or 'cuda'")
+    return dev
