@@ -95,6 +95,20 @@ def preprocess_image(image, size: int, resize: str = "bicubic") -> torch.Tensor:
     return -1.0 + (x / 255.0) * 2.0
 
 
+def load_sentencepiece(path: str):
+    """A SentencePiece model from its file, with one clear error for a missing or foreign file."""
+    import sentencepiece as spm
+
+    if not os.path.isfile(path):
+        raise InputError(f"Tokenizer file not found: {path}")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except (OSError, RuntimeError) as e:
+        raise InputError(f"{path} is not a SentencePiece model ({e})") from None
+    return sp
+
+
 class Processor:
     """Turns images and prompts into the tensors `PaliGemma.forward` takes, and ids back into text."""
 
@@ -121,20 +135,12 @@ class Processor:
     def __init__(self, tokenizer_path: str, image_size: int, num_image_tokens: int, image_token_id: int,
                  bos_id: int = 2, eos_id: int = 1, pad_id: int = 0, image_resize: str = "bicubic",
                  separator: str = "joint"):
-        import sentencepiece as spm
-
         if image_resize not in IMAGE_RESIZES:
             raise InputError(f"image_resize must be one of {IMAGE_RESIZES}, got {image_resize!r}")
         if separator not in ("joint", "separate"):
             raise InputError(f"separator must be 'joint' (transformers) or 'separate' (big_vision), got {separator!r}")
         self.image_resize, self.separator = image_resize, separator
-        if not os.path.isfile(tokenizer_path):
-            raise InputError(f"Tokenizer file not found: {tokenizer_path}")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(tokenizer_path)
-        except (OSError, RuntimeError) as e:
-            raise InputError(f"{tokenizer_path} is not a SentencePiece model ({e})") from None
+        self.sp = load_sentencepiece(tokenizer_path)
         self.image_size, self.num_image_tokens = image_size, num_image_tokens
         self.image_token_id, self.bos_id, self.eos_id, self.pad_id = image_token_id, bos_id, eos_id, pad_id
         self.loc0 = self._first_id("<loc{:04d}>", 1024)

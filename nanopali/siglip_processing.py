@@ -12,7 +12,6 @@ picks, then `siglip2.patchify`. Zero-shot classification is transformers' pipeli
 """
 from __future__ import annotations
 
-import os
 import re
 import string
 from typing import Sequence
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .processing import InputError, load_image, to_rgb
+from .processing import InputError, load_image, load_sentencepiece, to_rgb
 from .siglip import SigLIPModel
 from .siglip2 import naflex_size, patchify
 
@@ -68,17 +67,9 @@ class SigLIPProcessor:
                  image_size: tuple[int, int] = (224, 224), resample: int = Image.Resampling.BICUBIC,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rescale: float = 1 / 255,
                  naflex: bool = False, patch_size: int = 16, max_num_patches: int = 256):
-        import sentencepiece as spm
-
         if text_normalization not in TEXT_NORMALIZATIONS:
             raise InputError(f"text_normalization must be one of {TEXT_NORMALIZATIONS}, got {text_normalization!r}")
-        if not os.path.isfile(tokenizer_path):
-            raise InputError(f"Tokenizer file not found: {tokenizer_path}")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(tokenizer_path)
-        except (OSError, RuntimeError) as e:
-            raise InputError(f"{tokenizer_path} is not a SentencePiece model ({e})") from None
+        self.sp = load_sentencepiece(tokenizer_path)
         self.pad_id, self.eos_id = (self._id(tokenizer_path, t) for t in (pad_token, eos_token))
         self.max_length = max_length
         self.text_normalization, self.return_attention_mask = text_normalization, return_attention_mask
