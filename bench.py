@@ -7,7 +7,7 @@
 Builds transformers' PaliGemma (1 or 2) at the released widths with random weights, saves it in the
 hub layout, loads the same files into nanopali, and times on the same prompt (224 px = 256 image
 tokens + BOS + 4 prompt tokens + "\\n"): time to first token (prefill incl. SigLIP + first token),
-decode tokens/s at batch 1 and 4 (EOS disabled so every run decodes the same count), peak memory.
+decode tokens/s at batch 1 and 4 (every run decodes the same count), peak CUDA memory on a GPU.
 transformers runs with its default attention for the model (PaliGemma 1: sdpa, PaliGemma 2: eager)
 and its default dynamic cache.
 """
@@ -18,7 +18,6 @@ import gc
 import os
 import platform
 import tempfile
-import threading
 import time
 
 import torch
@@ -57,39 +56,23 @@ def timed(fn) -> float:
 
 
 class PeakMemory:
-    """Peak memory a block adds: CUDA allocator peak, or on CPU the resident set sampled every 2 ms."""
+    """Peak CUDA memory a block allocates on top of what was allocated before it.
+
+    Not measured on CPU: with both implementations in one process, the resident set cannot be
+    attributed to either (freed heap is reused, not returned)."""
 
     def __init__(self, device):
-        self.device, self.peak_mib = device, 0.0
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self._max = max(self._max, self._rss())
-            time.sleep(0.002)
+        self.device, self.peak_mib = device, None
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
-        else:
-            self._base = self._max = self._rss()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = self._max
-        self.peak_mib = (peak - self._base) / 2**20
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self._base) / 2**20
 
 
 def make_batch(batch: int, device):
@@ -102,12 +85,15 @@ def make_batch(batch: int, device):
 
 
 def run_tf(model, batch, n):
-    model.generate(**batch, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    # min_new_tokens: transformers falls back to the config's EOS when given None, and a random model
+    # may emit it at once; every run must decode exactly n tokens.
+    out = model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == batch["input_ids"].shape[1] + n
 
 
 def run_ours(model, batch, n):
     from nanopali.generate import generate_ids
-    generate_ids(model, batch, max_new_tokens=n, stop_at_eos=False)
+    assert all(len(r) == n for r in generate_ids(model, batch, max_new_tokens=n, stop_at_eos=False))
 
 
 def main():
@@ -136,7 +122,7 @@ def main():
             ours = nanopali.checkpoint.load_model(d, dtype=dtype, device=device)
         impls = (("transformers", tf, run_tf), ("nanopali", ours, run_ours))
         res = {name: {} for name, _, _ in impls}
-        mem = {name: 0.0 for name, _, _ in impls}
+        mem = {name: None for name, _, _ in impls}
         with torch.inference_mode():
             for b in args.batches:
                 batch = make_batch(b, device)
@@ -144,7 +130,8 @@ def main():
                 for name, model, fn in impls:
                     with PeakMemory(device) as pm:
                         fn(model, batch, 2)                                          # warm-up
-                    mem[name] = max(mem[name], pm.peak_mib)
+                    if pm.peak_mib is not None:
+                        mem[name] = max(mem[name] or 0.0, pm.peak_mib)
                 # interleaved repeats, best of each: both see the same machine load
                 for _ in range(args.repeats):
                     for name, model, fn in impls:
@@ -163,7 +150,7 @@ def main():
     # peak memory = what one generate call adds on top of the loaded weights (activations, cache, logits)
     for i, (model, name, res, mem) in enumerate(rows):
         line = f"| {model} | {name} | {res[b0][0] * 1000:.0f} ms | " + " | ".join(f"{res[b][1]:.1f}" for b in args.batches)
-        print(line + f" | {mem:.0f} MiB |")
+        print(line + (f" | {mem:.0f} MiB |" if mem is not None else " | n/a on CPU |"))
         if name == "nanopali":
             ref = rows[i - 1][2]
             ratios = [f"{ref[b][1] and res[b][1] / ref[b][1]:.2f}x" for b in args.batches]
