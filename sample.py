@@ -1,5 +1,7 @@
 """Ask PaliGemma about an image.
 
+    python sample.py                     # the bundled tiny model on a bundled image: caption, count, boxes
+    python sample.py --image my.png      # the bundled model on your image (it knows only nanopali.shapes)
     python sample.py --checkpoint DIR --image cat.jpg --prompt "caption en"
     python sample.py --checkpoint DIR --image cat.jpg --prompt "detect cat ; dog" --out boxes.png
 
@@ -19,10 +21,13 @@ TASKS = """task prompts (PaliGemma's prefixes; the "\\n" separator is added for 
   ocr                      read the text in the image
   answer en QUESTION       visual question answering   question en ANSWER   ask a question
   detect cat ; dog         boxes: <loc><loc><loc><loc> label ; ...  (drawn into --out)
-  segment cat              box + 16 <seg> codes of a mask
+  segment cat              box + 16 <seg> codes of a mask (masks drawn into --out with --vae vae-oid.npz)
 pt (pretrained) checkpoints are meant for fine-tuning; mix checkpoints answer these out of the box."""
 
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nanopali", "assets", "tiny-shapes")
+BUNDLED_IMAGE = os.path.join(os.path.dirname(BUNDLED), "images", "shapes_1.png")
+# What the bundled model was trained to answer (nanopali/shapes.py), asked when no --prompt is given.
+BUNDLED_PROMPTS = ["caption en", "count shapes", "detect circle ; square ; triangle"]
 
 
 def parse_args(argv=None):
@@ -42,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--attn-impl", default="auto", choices=["auto", "reference", "sdpa", "triton"])
     p.add_argument("--out", default=None, help="write the image with boxes drawn (PNG); default annotated.png "
                    "when the answer has boxes")
+    p.add_argument("--vae", default=None, help="big_vision's vae-oid.npz: decodes the <seg> codes of 'segment' "
+                   "answers into masks, drawn into --out (default segmented.png) and added to --json as RLE")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     return p.parse_args(argv)
 
@@ -53,6 +60,7 @@ def main(argv=None) -> int:
     from nanopali.detection import draw_detections, parse_detections
     from nanopali.generate import generate
     from nanopali.processing import load_image
+    from nanopali.segmentation import MaskDecoder, draw_segmentations, segment
 
     ckpt = args.checkpoint
     if ckpt is None:
@@ -60,7 +68,7 @@ def main(argv=None) -> int:
             raise nanopali.InputError("No --checkpoint given and the bundled model is not installed here. "
                                       "Pass --checkpoint DIR (a Hugging Face PaliGemma directory).")
         ckpt = BUNDLED
-    images = args.image or []
+    images = args.image or ([BUNDLED_IMAGE] if os.path.isfile(BUNDLED_IMAGE) else [])
     if not images:
         raise nanopali.InputError("Pass at least one --image PATH")
     prompts = args.prompt or ["caption en"]
@@ -69,32 +77,43 @@ def main(argv=None) -> int:
     if len(prompts) != len(images):
         raise nanopali.InputError(f"Got {len(images)} --image and {len(prompts)} --prompt; give one prompt "
                                   "for all images or one per image")
+    rows = list(range(len(images)))             # row → index of its image
+    if args.prompt is None and ckpt == BUNDLED:
+        rows = [i for i in rows for _ in BUNDLED_PROMPTS]
+        prompts = BUNDLED_PROMPTS * len(images)
     device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     model, processor = nanopali.load(ckpt, dtype=dtype, device=device, attn_impl=args.attn_impl)
     pils = [load_image(p) for p in images]
     t0 = time.perf_counter()
-    texts, ids = generate(model, processor, pils, prompts, args.max_new_tokens, args.temperature,
+    texts, ids = generate(model, processor, [pils[i] for i in rows], prompts, args.max_new_tokens, args.temperature,
                           args.top_k, args.top_p, args.seed, return_ids=True)
     seconds = time.perf_counter() - t0
-    for i, (path, pil, prompt, text, toks) in enumerate(zip(images, pils, prompts, texts, ids)):
-        dets = parse_detections(text, *pil.size)
+    mask_decoder = MaskDecoder.from_npz(args.vae) if args.vae else None
+    for i, prompt, text, toks in zip(rows, prompts, texts, ids):
+        path, pil = images[i], pils[i]
+        segs = segment(text, mask_decoder, *pil.size) if mask_decoder and prompt.startswith("segment") else []
+        dets = [] if segs else parse_detections(text, *pil.size)
         out_path = None
-        if dets:
-            out_path = args.out or "annotated.png"
+        if dets or segs:
+            out_path = args.out or ("segmented.png" if segs else "annotated.png")
             if len(images) > 1:
                 root, ext = os.path.splitext(out_path)
                 out_path = f"{root}_{i}{ext or '.png'}"
-            draw_detections(pil, dets).save(out_path)
+            (draw_segmentations(pil, segs) if segs else draw_detections(pil, dets)).save(out_path)
         if args.json:
             rec = {"image": path, "prompt": prompt, "text": text, "tokens": toks}
             if dets:
                 rec["boxes"] = [d.to_dict() for d in dets]
                 rec["annotated"] = out_path
+            if segs:
+                rec["masks"] = [s.to_dict() for s in segs]  # box, bins, codes, COCO RLE of the full-image mask
+                rec["annotated"] = out_path
             print(json.dumps(rec))
         else:
             if out_path:
-                print(f"[{path}] {len(dets)} box(es) drawn into {out_path}")
+                print(f"[{path}] {len(segs)} mask(s)" if segs else f"[{path}] {len(dets)} box(es)",
+                      f"drawn into {out_path}")
             print(f"[{path}] {prompt} ->" if len(images) > 1 else f"{prompt} ->")
             print(text)
     if not args.json:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import nanopali.generate
+import importlib
 from nanopali.checkpoint import CheckpointError
 from nanopali.detection import PALETTE
 from nanopali.segmentation import (MaskDecoder, Segmentation, draw_segmentations, mask_to_rle, parse_segments,
@@ -277,7 +277,8 @@ def test_drawing_tints_masks_and_leaves_the_rest_of_the_image():
 def test_sample_writes_the_mask_picture_and_json_masks_for_segment_prompts(vae, hf_checkpoint, tmp_path, monkeypatch,
                                                                           capsys):
     answer = seg_answer((100, 200, 600, 900), CODES, "cat")
-    monkeypatch.setattr(nanopali.generate, "generate", lambda *a, **k: ([answer], [[1, 2, 3]]))
+    # the module, not the package's `nanopali.generate` function of the same name
+    monkeypatch.setattr(importlib.import_module("nanopali.generate"), "generate", lambda *a, **k: ([answer], [[1, 2, 3]]))
     spec = importlib.util.spec_from_file_location("sample", os.path.join(os.path.dirname(__file__), "..", "sample.py"))
     sample = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sample)
