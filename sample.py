@@ -4,6 +4,7 @@
     python sample.py --image my.png      # the bundled model on your image (it knows only nanopali.shapes)
     python sample.py --checkpoint DIR --image cat.jpg --prompt "caption en"
     python sample.py --checkpoint DIR --image cat.jpg --prompt "detect cat ; dog" --out boxes.png
+    python sample.py --checkpoint DIR --image a.jpg --image b.jpg --multi --prompt "answer en same?"
 
 The answer is the last line of stdout (--json: one JSON object per image instead).
 """
@@ -50,6 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--vae", default=None, help="big_vision's vae-oid.npz: decodes the <seg> codes of 'segment' "
                    "answers into masks, drawn into --out (default segmented.png) and added to --json as RLE")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--multi", action="store_true", help="send all --image files with one prompt, as one "
+                   "multi-image prompt (image pairs, video frames)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (CUDA graphs on GPU); default: on for CUDA, off on CPU")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model, for a big_vision .npz --checkpoint")
+    p.add_argument("--variant", default=None, help="preset of a big_vision .npz (default: inferred from shapes)")
     return p.parse_args(argv)
 
 
@@ -83,11 +90,16 @@ def main(argv=None) -> int:
         prompts = BUNDLED_PROMPTS * len(images)
     device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    model, processor = nanopali.load(ckpt, dtype=dtype, device=device, attn_impl=args.attn_impl)
+    npz = {"tokenizer": args.tokenizer, "variant": args.variant} if ckpt.endswith(".npz") else {}
+    model, processor = nanopali.load(ckpt, dtype=dtype, device=device, attn_impl=args.attn_impl, **npz)
     pils = [load_image(p) for p in images]
+    batch_images = [pils[i] for i in rows]
+    if args.multi:  # one row holding every image; answers are drawn onto the first image
+        rows, prompts, batch_images = [0], prompts[:1], [pils]
+    compile_step = device.type == "cuda" if args.compile is None else args.compile
     t0 = time.perf_counter()
-    texts, ids = generate(model, processor, [pils[i] for i in rows], prompts, args.max_new_tokens, args.temperature,
-                          args.top_k, args.top_p, args.seed, return_ids=True)
+    texts, ids = generate(model, processor, batch_images, prompts, args.max_new_tokens, args.temperature,
+                          args.top_k, args.top_p, args.seed, return_ids=True, compile=compile_step)
     seconds = time.perf_counter() - t0
     mask_decoder = MaskDecoder.from_npz(args.vae) if args.vae else None
     for i, prompt, text, toks in zip(rows, prompts, texts, ids):
@@ -102,7 +114,7 @@ def main(argv=None) -> int:
                 out_path = f"{root}_{i}{ext or '.png'}"
             (draw_segmentations(pil, segs) if segs else draw_detections(pil, dets)).save(out_path)
         if args.json:
-            rec = {"image": path, "prompt": prompt, "text": text, "tokens": toks}
+            rec = {"image": images if args.multi else path, "prompt": prompt, "text": text, "tokens": toks}
             if dets:
                 rec["boxes"] = [d.to_dict() for d in dets]
                 rec["annotated"] = out_path

@@ -63,3 +63,19 @@ def test_bad_arguments_print_one_error_line_and_exit_2(setup, args, message):
         base = ["--checkpoint", ckpt]
     r = run(*base, *args, cwd=str(d))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_multi_sends_every_image_with_one_prompt_as_the_library_does(setup):
+    import nanopali
+    from nanopali.generate import generate
+
+    ckpt, img, d = setup
+    r = run("--checkpoint", ckpt, "--image", img, "--image", img, "--multi", "--prompt", "answer en same?",
+            "--max-new-tokens", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.strip().splitlines()
+    rec = json.loads(line)
+    model, proc = nanopali.load(ckpt)
+    pil = Image.open(img)
+    _, ids = generate(model, proc, [[pil, pil]], ["answer en same?"], 5, return_ids=True)
+    assert rec["image"] == [img, img] and rec["tokens"] == ids[0]
