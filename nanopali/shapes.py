@@ -1,0 +1,284 @@
+"""Shapes: a synthetic task small enough for a few-million-parameter PaliGemma trained on a CPU.
+
+Every scene is drawn from one integer seed: 1-4 circles, squares or triangles of five colours and
+many sizes, not overlapping, on a plain or noisy grey background. Because the generator knows every
+shape, it also knows the exact answer to each of PaliGemma's task prefixes (paper §3.2, spec §8):
+
+    caption en                          a red circle and two blue squares      (canonical order)
+    count shapes                        3
+    answer en what color is the circle? red                 (asked only when there is one circle)
+    detect circle ; square              <loc..><loc..><loc..><loc..> circle ; ...   (spec §6.1)
+
+It is the task of the tiny model to be bundled in nanopali/assets/tiny-shapes (issue #6: first
+from-scratch CPU runs reached only ~0.08 caption exact match, so none ships yet); this file also holds
+the task's tokenizer (`train_tokenizer`) and the held-out metrics (`evaluate`).
+Regenerate the data and tokenizer with `python -m nanopali.shapes OUT_DIR`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+KINDS = ("circle", "square", "triangle")
+COLOURS = {"red": (215, 45, 45), "green": (45, 165, 70), "blue": (45, 85, 220), "yellow": (235, 200, 35),
+           "purple": (145, 65, 195)}
+NUMBERS = ("a", "two", "three", "four")
+HELD_OUT_SEED = 10_000_000   # training data uses seeds below this, evaluation seeds from here on
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+BUNDLED_MODEL = os.path.join(ASSETS, "tiny-shapes")          # the model trained on this task, HF layout
+SUPERSAMPLE = 4              # shapes are drawn 4x larger, then box-filtered: anti-aliased edges
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    box: tuple[int, int, int, int]   # (x0, y0, x1, y1) pixels, the tight box: x1, y1 are the far edges
+
+
+@dataclass(frozen=True)
+class Scene:
+    seed: int
+    size: int                        # the image is size x size pixels
+    shapes: tuple[Shape, ...]
+    background: str                  # "plain" or "noisy"
+    grey: int                        # background level 0..255
+
+    def image(self) -> Image.Image:
+        """The rendered RGB image (deterministic: noise comes from the scene's seed)."""
+        rng = np.random.default_rng([self.seed, 1])
+        S, k = self.size, SUPERSAMPLE
+        img = np.full((S, S, 3), float(self.grey))
+        if self.background == "noisy":
+            img += rng.normal(0.0, 28.0, size=(S, S, 3))
+        for s in self.shapes:                  # drawn in its own box only, then blended in
+            x0, y0, x1, y1 = s.box
+            w, h = x1 - x0, y1 - y0
+            mask = Image.new("L", (w * k, h * k), 0)
+            draw = ImageDraw.Draw(mask)
+            if s.kind == "circle":
+                draw.ellipse((0, 0, w * k - 1, h * k - 1), fill=255)
+            elif s.kind == "square":
+                draw.rectangle((0, 0, w * k - 1, h * k - 1), fill=255)
+            else:
+                draw.polygon([(w * k / 2, 0), (w * k - 1, h * k - 1), (0, h * k - 1)], fill=255)
+            alpha = np.asarray(mask.resize((w, h), Image.Resampling.BOX), dtype=np.float64)[..., None] / 255
+            colour = np.array(COLOURS[s.colour]) + rng.integers(-20, 21, size=3)   # a little jitter
+            img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - alpha) + colour * alpha
+        return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+
+
+def make_scene(seed: int, size: int = 224) -> Scene:
+    """A scene from its seed: the same seed gives the same scene, at any size up to 1024."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 5))
+    shapes: list[Shape] = []
+    while len(shapes) < n:
+        side = int(round(size * rng.uniform(0.22, 0.42)))
+        for _ in range(100):            # rejection sampling; shrink the shape if it never fits
+            x0, y0 = (int(v) for v in rng.integers(1, size - side, size=2))
+            box = (x0, y0, x0 + side, y0 + side)
+            if not any(_near(box, s.box, gap=2) for s in shapes):
+                break
+        else:
+            continue
+        kind = KINDS[int(rng.integers(len(KINDS)))]
+        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        shapes.append(Shape(kind, colour, box))
+    background = "noisy" if rng.random() < 0.5 else "plain"
+    return Scene(seed, size, tuple(shapes), background, int(rng.integers(110, 236)))
+
+
+def _near(a, b, gap: int) -> bool:
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
+
+
+# ---- answers --------------------------------------------------------------------------------------
+
+def _order(s: Shape):
+    return KINDS.index(s.kind), list(COLOURS).index(s.colour), s.box[1], s.box[0]
+
+
+def caption(scene: Scene) -> str:
+    """'a red circle and two blue squares': groups of (kind, colour) in KINDS then COLOURS order."""
+    groups: dict[tuple[str, str], int] = {}
+    for s in sorted(scene.shapes, key=_order):
+        groups[s.kind, s.colour] = groups.get((s.kind, s.colour), 0) + 1
+    return " and ".join(f"{NUMBERS[n - 1]} {colour} {kind}{'s' if n > 1 else ''}"
+                        for (kind, colour), n in groups.items())
+
+
+def count(scene: Scene) -> str:
+    return str(len(scene.shapes))
+
+
+def colour_questions(scene: Scene) -> dict[str, str]:
+    """{prompt: answer} for every kind that occurs exactly once (otherwise "the circle" is ambiguous)."""
+    kinds = [s.kind for s in scene.shapes]
+    return {f"answer en what color is the {s.kind}?": s.colour for s in scene.shapes if kinds.count(s.kind) == 1}
+
+
+def loc_bin(coord: float, side: int) -> int:
+    """Pixel coordinate → one of 1024 bins, the inverse of detection.py's decoding round(bin/1024·side),
+    so decoding gives the pixel back whenever side ≤ 1024. (big_vision encodes round(coord/side·1023)
+    and decodes with /1023: the same pairing idea, 0.1 % apart; spec §6.1.)"""
+    return min(1023, max(0, round(coord / side * 1024)))
+
+
+def detect(scene: Scene, kinds=KINDS) -> str:
+    """Boxes of the shapes of `kinds`, `<locY0><locX0><locY1><locX1> kind` joined by ' ; ', in the
+    order of KINDS, then top to bottom, left to right. Empty when none of `kinds` is in the image."""
+    out = []
+    for s in sorted((s for s in scene.shapes if s.kind in kinds), key=lambda s: (KINDS.index(s.kind), s.box[1],
+                                                                               s.box[0])):
+        x0, y0, x1, y1 = s.box
+        locs = "".join(f"<loc{loc_bin(c, scene.size):04d}>" for c in (y0, x0, y1, x1))
+        out.append(f"{locs} {s.kind}")
+    return " ; ".join(out)
+
+
+def detect_prompt(kinds=KINDS) -> str:
+    return "detect " + " ; ".join(kinds)
+
+
+def examples(scene: Scene) -> list[tuple[str, str]]:
+    """The (prefix, suffix) pairs one scene trains: a caption, a count, one colour question when there
+    is an unambiguous one, and one detection prompt (all kinds half the time, else a random subset)."""
+    rng = np.random.default_rng([scene.seed, 2])
+    pairs = [("caption en", caption(scene)), ("count shapes", count(scene))]
+    questions = sorted(colour_questions(scene).items())
+    if questions:
+        pairs.append(questions[int(rng.integers(len(questions)))])
+    if rng.random() < 0.5:
+        kinds = KINDS
+    else:
+        kinds = tuple(k for k, keep in zip(KINDS, rng.integers(0, 2, size=3)) if keep) or (KINDS[int(rng.integers(3))],)
+    pairs.append((detect_prompt(kinds), detect(scene, kinds)))
+    return pairs
+
+
+def write_jsonl(out_dir: str, name: str, seeds, size: int = 224) -> str:
+    """Render the scenes of `seeds` into out_dir/images/ and write out_dir/<name>.jsonl, one
+    {"image", "prefix", "suffix"} line per example (train.py's format); returns the JSONL path."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.jsonl")
+    with open(path + ".tmp", "w") as f:
+        for seed in seeds:
+            scene = make_scene(seed, size)
+            image = f"images/{seed:08d}.png"
+            scene.image().save(os.path.join(out_dir, image))
+            for prefix, suffix in examples(scene):
+                f.write(json.dumps({"image": image, "prefix": prefix, "suffix": suffix}) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------
+
+def train_tokenizer(path: str, num_scenes: int = 2000) -> str:
+    """A SentencePiece BPE model of the task's words laid out like Gemma's (spec §3.1): <pad> <eos>
+    <bos> <unk> = 0 1 2 3, "\\n" one piece, byte fallback (any text encodes), no dummy-prefix space,
+    then <loc0000>..<loc1023> and <seg000>..<seg127> appended as consecutive user-defined pieces, as
+    big_vision's `_add_pieces` appends them to Gemma's 256000."""
+    import io
+
+    import sentencepiece as spm
+
+    lines = []                          # with repeats: BPE merges follow the words' frequencies
+    for seed in range(num_scenes):
+        for prefix, suffix in examples(make_scene(seed, 64)):
+            lines += [prefix, *re.split(r"(?:<loc\d{4}>)+", suffix)]   # the text between <loc> pieces
+    lines += [f"answer en what color is the {k}?" for k in KINDS] + list(COLOURS) + [f"{k}s" for k in KINDS]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=400,
+        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, user_defined_symbols=["\n"], num_threads=1, minloglevel=2,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>")
+    pieces = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+    data = model.getvalue() + b"".join(_user_defined_piece(p) for p in pieces)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _user_defined_piece(piece: str) -> bytes:
+    """One `ModelProto.pieces` entry {piece, score 0, type USER_DEFINED} in protobuf wire format.
+    Protobuf parses repeated fields appended to a message as appended elements, so adding pieces is
+    concatenation (sentencepiece_model.proto: field 1 piece, 2 score, 3 type; USER_DEFINED = 4)."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while n >= 0x80:
+            out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+        return out + bytes([n])
+
+    text = piece.encode()
+    body = b"\x0a" + varint(len(text)) + text + b"\x15" + struct.pack("<f", 0.0) + b"\x18" + varint(4)
+    return b"\x0a" + varint(len(body)) + body
+
+
+# ---- held-out metrics -----------------------------------------------------------------------------
+
+def score(scenes: list[Scene], answer) -> dict[str, float]:
+    """Held-out accuracy on `scenes`; answer(images, prompts) → texts (e.g. nanopali.generate bound
+    to a model). caption exact match, count accuracy, colour-question accuracy (one question per
+    scene that has one), detection mean IoU (all kinds asked; evaluate.detection_score per scene:
+    each true box scores its best same-label predicted IoU, missing boxes 0)."""
+    from .evaluate import detection_score
+
+    images = [s.image() for s in scenes]
+    jobs = [(i, "caption en", caption(s)) for i, s in enumerate(scenes)]
+    jobs += [(i, "count shapes", count(s)) for i, s in enumerate(scenes)]
+    jobs += [(i, *sorted(colour_questions(s).items())[0]) for i, s in enumerate(scenes) if colour_questions(s)]
+    jobs += [(i, detect_prompt(), detect(s)) for i, s in enumerate(scenes)]
+    preds = answer([images[i] for i, _, _ in jobs], [p for _, p, _ in jobs])
+    right: dict[str, list[float]] = {"caption_exact_match": [], "count_accuracy": [], "vqa_accuracy": [],
+                                     "detection_mean_iou": []}
+    for (i, prompt, target), pred in zip(jobs, preds):
+        if prompt.startswith("detect"):
+            right["detection_mean_iou"].append(detection_score(pred, target))
+        else:
+            name = {"caption": "caption_exact_match", "count": "count_accuracy"}.get(prompt.split()[0], "vqa_accuracy")
+            right[name].append(float(pred.strip() == target))
+    return {k: sum(v) / len(v) for k, v in right.items()}
+
+
+def evaluate(model, processor, num_scenes: int = 100, size: int = 224, batch_size: int = 32,
+             first_seed: int = HELD_OUT_SEED) -> dict[str, float]:
+    """`score` of a model on freshly generated scenes it never trained on (greedy decoding)."""
+    from .generate import generate
+
+    def answer(images, prompts):
+        out = []
+        for i in range(0, len(images), batch_size):
+            out += generate(model, processor, images[i:i + batch_size], prompts[i:i + batch_size], max_new_tokens=40)
+        return out
+
+    return score([make_scene(first_seed + i, size) for i in range(num_scenes)], answer)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Write the shapes task: train/eval JSONL, images, tokenizer.model")
+    p.add_argument("out_dir")
+    p.add_argument("--train", type=int, default=20000, help="training scenes (seeds 0..N-1)")
+    p.add_argument("--eval", type=int, default=200, help="held-out scenes (seeds from 10,000,000)")
+    p.add_argument("--size", type=int, default=224, help="image side in pixels")
+    args = p.parse_args(argv)
+    train_tokenizer(os.path.join(args.out_dir, "tokenizer.model"))
+    write_jsonl(args.out_dir, "train", range(args.train), args.size)
+    write_jsonl(args.out_dir, "eval", range(HELD_OUT_SEED, HELD_OUT_SEED + args.eval), args.size)
+    print(f"wrote {args.out_dir}: tokenizer.model, train.jsonl ({args.train} scenes), eval.jsonl ({args.eval})")
+
+
+if __name__ == "__main__":
+    main()
