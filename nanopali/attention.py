@@ -17,6 +17,8 @@ Implementations (`impl`):
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +67,20 @@ def resolve_impl(impl: str, device: torch.device, softcap: float | None) -> str:
     if device.type == "cuda" and _triton_available(device):
         return "triton"
     return "reference" if softcap is not None else "sdpa"
+
+
+_LOGGED: set[str] = set()
+
+
+def log_choice(impl: str, device: torch.device, softcap: float | None) -> str:
+    """Resolve `impl` and log the outcome once per distinct choice (logger "nanopali")."""
+    chosen = resolve_impl(impl, device, softcap)
+    msg = f"attention: attn_impl={impl!r} runs {chosen!r} on {device.type}" + (
+        " (soft-capped: SDPA cannot)" if softcap is not None and impl == "auto" and chosen == "reference" else "")
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        logging.getLogger("nanopali").info(msg)
+    return chosen
 
 
 def attention(q, k, v, mask: PrefixLMMask | None, *, scale: float, softcap: float | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import resolve_impl
+from .attention import log_choice, resolve_impl
 from .config import PaliGemmaConfig
 from .gemma import Gemma
 from .masking import PrefixLMMask
@@ -40,6 +40,9 @@ class PaliGemma(nn.Module):
     def attn_impl(self, impl: str) -> None:
         resolve_impl(impl, torch.device("cpu"), None)  # validates the name
         self.vision_tower.attn_impl = self.language_model.attn_impl = impl
+        device = self.projector.linear.weight.device
+        if device.type != "meta":
+            log_choice(impl, device, self.cfg.text.attn_softcap)
 
     def set_gradient_checkpointing(self, on: bool = True) -> None:
         self.vision_tower.gradient_checkpointing = self.language_model.gradient_checkpointing = on
