@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     mask_decoder = MaskDecoder.from_npz(args.vae) if args.vae else None
     for i, prompt, text, toks in zip(rows, prompts, texts, ids):
         path, pil = images[i], pils[i]
+        shown = os.path.relpath(path) if os.path.isabs(path) and not os.path.relpath(path).startswith("..") else path
         segs = segment(text, mask_decoder, *pil.size) if mask_decoder and prompt.startswith("segment") else []
         dets = [] if segs else parse_detections(text, *pil.size)
         out_path = None
@@ -124,9 +125,9 @@ def main(argv=None) -> int:
             print(json.dumps(rec))
         else:
             if out_path:
-                print(f"[{path}] {len(segs)} mask(s)" if segs else f"[{path}] {len(dets)} box(es)",
+                print(f"[{shown}] {len(segs)} mask(s)" if segs else f"[{shown}] {len(dets)} box(es)",
                       f"drawn into {out_path}")
-            print(f"[{path}] {prompt} ->" if len(images) > 1 else f"{prompt} ->")
+            print(f"[{shown}] {prompt} ->" if len(images) > 1 else f"{prompt} ->")
             print(text)
     if not args.json:
         print(f"({sum(len(t) for t in ids)} tokens in {seconds:.2f} s, {device}, {dtype})", file=sys.stderr)
