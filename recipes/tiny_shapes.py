@@ -1,7 +1,7 @@
 # The tiny PaliGemma 2 bundled in nanopali/assets/tiny-shapes, stage 1: the decoder learns the four
 # prompts of nanopali/shapes.py; the image encoder and projector come from stage 0 and stay frozen.
-#   python -m nanopali.shapes runs/tiny-shapes/data       # data, tokenizer, stage 0 (~3 min on 2 CPU cores)
-#   python train.py recipes/tiny_shapes.py                # this stage (~25 min on 2 CPU cores)
+#   python -m nanopali.shapes runs/tiny-shapes/data       # data, tokenizer, stage 0 (~1 min on 2 CPU cores)
+#   python train.py recipes/tiny_shapes.py                # this stage (~27 min on 2 CPU cores)
 #   cp runs/tiny-shapes/{config.json,model.safetensors,tokenizer.model} nanopali/assets/tiny-shapes/
 init = "runs/tiny-shapes/data/init"
 data = "runs/tiny-shapes/data/train.jsonl"
