@@ -10,8 +10,8 @@ colour was learned in 150).
 
 So stage 0 here is a dense, supervised stand-in for SigLIP's pretraining: a linear head on the
 projector's output names, for every patch, the kind and the colour of the shape covering it (or
-background). 64 labels per image instead of one caption; the kind accuracy on patches reaches ~100 %
-in about 300 steps (about a minute on two CPU cores). The head is then dropped, and stage 1
+background). 16 labels per image instead of one caption; the kind accuracy on shape patches reaches
+~100 % in about 300 steps (measured: 1.000 after 400 steps, 13-16 s on two CPU cores). The head is then dropped, and stage 1
 (train.py recipes/tiny_shapes.py, `trainable = "llm"`) trains the decoder with the image encoder and
 projector frozen.
 
