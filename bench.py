@@ -119,7 +119,7 @@ def main():
     for gen in args.generation:
         with tempfile.TemporaryDirectory() as d:
             tf = build_reference(gen, args.text_layers, args.vision_layers, d, dtype).to(device)
-            ours = nanopali.checkpoint.load_model(d, dtype=dtype, device=device)
+            ours = nanopali.formats.hf.load_paligemma_model(d, dtype=dtype, device=device)
         impls = (("transformers", tf, run_tf), ("nanopali", ours, run_ours))
         res = {name: {} for name, _, _ in impls}
         mem = {name: None for name, _, _ in impls}

@@ -53,10 +53,10 @@ def read_labels(args) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from nanopali.checkpoint import resolve_device
+    from nanopali.formats.files import resolve_device
     from nanopali.processing import InputError
-    from nanopali.siglip_checkpoint import load
-    from nanopali.siglip_processing import zero_shot
+    from nanopali.siglip import load_siglip as load
+    from nanopali.siglip import zero_shot
 
     labels = read_labels(args)
     if args.top < 1:

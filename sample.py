@@ -63,11 +63,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import nanopali
-    from nanopali.checkpoint import resolve_device
-    from nanopali.detection import draw_detections, parse_detections
+    from nanopali.formats.files import resolve_device
+    from nanopali.tasks.detection import draw_detections, parse_detections
     from nanopali.generate import generate
     from nanopali.processing import load_image
-    from nanopali.segmentation import MaskDecoder, draw_segmentations, segment
+    from nanopali.tasks.segmentation import MaskDecoder, draw_segmentations, segment
 
     ckpt = args.checkpoint
     if ckpt is None:

@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 
 import nanopali
-from nanopali import finetune, parallel, resume
-from nanopali.checkpoint import read_config, resolve_dtype
+from nanopali.train import finetune, parallel, resume
+from nanopali.formats.files import resolve_dtype
+from nanopali.formats.hf import read_paligemma_config
 from nanopali.config import PRESETS, from_hf_config, preset
-from nanopali.data import DataError, DataOrder, collate, load_examples
-from nanopali.cost import Progress, estimate_memory, peak_flops
-from nanopali.evaluate import evaluate
-from nanopali.lora import TARGETS, LoRAConfig, apply_lora, load_adapters, save_adapters
+from nanopali.train.data import DataError, DataOrder, collate, load_examples
+from nanopali.train.cost import Progress, estimate_memory, peak_flops
+from nanopali.train.evaluate import evaluate_held_out
+from nanopali.train.lora import TARGETS, LoRAConfig, apply_lora, load_adapters, save_adapters
 from nanopali.model import PaliGemma
 from nanopali.processing import Processor
 
@@ -159,7 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_config(args):
     """(config, tokenizer path) of --init: a checkpoint directory, a config.json or a preset name."""
     if os.path.isdir(args.init):
-        return read_config(args.init), os.path.join(args.init, "tokenizer.model")
+        return read_paligemma_config(args.init), os.path.join(args.init, "tokenizer.model")
     if not (os.path.isfile(args.init) or args.init in PRESETS):
         raise SystemExit(f"--init {args.init!r} is neither a checkpoint directory, a config.json nor a preset "
                          f"({', '.join(PRESETS)})")
@@ -294,7 +295,7 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
         return model_state
 
     def run_eval(step):
-        result = evaluate(objective, model, processor, evals, batch_size=args.eval_batch_size,
+        result = evaluate_held_out(objective, model, processor, evals, batch_size=args.eval_batch_size,
                           precision=args.precision, generate=args.eval_generate,
                           max_new_tokens=args.eval_max_new_tokens, sharded_params=fsdp)
         say(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

@@ -39,10 +39,10 @@ _GEMMA2_COMMON = dict(post_norms=True, attn_softcap=50.0, final_softcap=30.0, sl
 def _gemma2(width, depth, mlp_dim, heads, kv_heads, head_dim, query_pre_attn_scalar):
     return GemmaConfig(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, num_kv_heads=kv_heads,
                        head_dim=head_dim, query_pre_attn_scalar=query_pre_attn_scalar,
-                       layer_types=_alternating(depth), **_GEMMA2_COMMON)
+                       layer_types=alternating_layers(depth), **_GEMMA2_COMMON)
 
 
-def _alternating(depth: int) -> tuple[str, ...]:
+def alternating_layers(depth: int) -> tuple[str, ...]:
     """Gemma 2: sliding window on layers 0, 2, 4, ... (transformers' Gemma2Config default)."""
     return tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(depth))
 
@@ -111,7 +111,7 @@ def from_hf_config(cfg: dict) -> PaliGemmaConfig:
         attn_softcap=_get(t, "attn_logit_softcapping", default=50.0) if g2 else None,
         final_softcap=_get(t, "final_logit_softcapping", default=30.0) if g2 else None,
         sliding_window=_get(t, "sliding_window", default=4096) if g2 else None,
-        layer_types=tuple(t.get("layer_types") or (_alternating(depth) if g2 else ())),
+        layer_types=tuple(t.get("layer_types") or (alternating_layers(depth) if g2 else ())),
     )
     act = _get(t, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
     if act not in ("gelu_pytorch_tanh", "gelu"):  # transformers maps legacy "gelu" to the tanh form for Gemma

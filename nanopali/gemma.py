@@ -86,6 +86,14 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token embedding E (V, D), read two ways: rows for input ids, and h · Eᵀ as the LM head
+    (PaliGemma ties the two, paper §3.1). A quantized model swaps in a module with the same two calls."""
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)                                             # (..., V)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer: int):
         super().__init__()
@@ -110,7 +118,7 @@ class Attention(nn.Module):
         return self.o(o.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):
+class GeGLU(nn.Module):
     """GeGLU: down(gelu_tanh(gate(x)) · up(x)); big_vision's gating_einsum[0] / [1] and linear."""
 
     def __init__(self, cfg: GemmaConfig):
@@ -123,7 +131,7 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
 
 
-class Block(nn.Module):
+class DecoderLayer(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer: int):
         super().__init__()
         D, eps = cfg.width, cfg.rms_norm_eps
@@ -131,7 +139,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.post_attn_norm = RMSNorm(D, eps) if cfg.post_norms else nn.Identity()
         self.pre_ffw_norm = RMSNorm(D, eps)
-        self.mlp = MLP(cfg)
+        self.mlp = GeGLU(cfg)
         self.post_ffw_norm = RMSNorm(D, eps) if cfg.post_norms else nn.Identity()
 
     def forward(self, x, mask, positions, cache=None, q_start=0, attn_impl="auto"):
@@ -143,8 +151,8 @@ class Gemma(nn.Module):
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
+        self.embed = TiedEmbedding(cfg.vocab_size, cfg.width)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.depth))
         self.final_norm = RMSNorm(cfg.width, cfg.rms_norm_eps)
         self.attn_impl = "auto"
         self.gradient_checkpointing = False
@@ -167,7 +175,7 @@ class Gemma(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied LM head (h · Eᵀ) and Gemma 2's final soft-cap, in the model dtype as transformers does."""
-        y = F.linear(h, self.embed.weight)                                          # (..., V)
+        y = self.embed.unembed(h)                                                   # (..., V)
         if self.cfg.final_softcap is not None:
             y = torch.tanh(y / self.cfg.final_softcap) * self.cfg.final_softcap
         return y

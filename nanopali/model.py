@@ -18,7 +18,7 @@ from .config import PaliGemmaConfig
 from .gemma import Gemma
 from .masking import PrefixLMMask
 from .projector import Projector
-from .vit import SigLIP
+from .vit import SigLIPEncoder
 
 # Letters: B batch, T tokens, P image tokens per image, I images, D width, V vocab.
 
@@ -27,7 +27,7 @@ class PaliGemma(nn.Module):
     def __init__(self, cfg: PaliGemmaConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision_tower = SigLIP(cfg.vision)
+        self.vision_tower = SigLIPEncoder(cfg.vision)
         self.projector = Projector(cfg.vision.width, cfg.text.width)
         self.language_model = Gemma(cfg.text)
 

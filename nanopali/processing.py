@@ -146,6 +146,12 @@ class Processor:
         self.loc0 = self._first_id("<loc{:04d}>", 1024)
         self.seg0 = self._first_id("<seg{:03d}>", 128)
 
+    @classmethod
+    def for_model(cls, tokenizer_path: str, cfg, **switches) -> "Processor":
+        """The processor of a model config (a PaliGemmaConfig): its image size, image token count and ids."""
+        return cls(tokenizer_path, cfg.vision.image_size, cfg.num_image_tokens, cfg.image_token_id,
+                   cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, **switches)
+
     def _first_id(self, fmt: str, count: int) -> int | None:
         """Id of <loc0000> / <seg000>; None if the tokenizer lacks them. The rest must follow
         consecutively (spec §3.1), which is what lets `loc_token_id` be an addition."""

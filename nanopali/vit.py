@@ -73,7 +73,7 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class Block(nn.Module):
+class EncoderBlock(nn.Module):
     def __init__(self, cfg: SigLIPConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
@@ -86,13 +86,13 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class SigLIP(nn.Module):
+class SigLIPEncoder(nn.Module):
     def __init__(self, cfg: SigLIPConfig):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.empty(cfg.num_patches, cfg.width))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.attn_impl = "auto"
         self.gradient_checkpointing = False

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 import nanopali
 from hf_reference import IMAGE_TOKEN_ID, SP_VOCAB_SIZE, load_tf, tf_forward_logits
-from nanopali.bigvision import NpzArrays, infer_variant
-from nanopali.checkpoint import CheckpointError
+from nanopali.formats.bigvision import NpzArrays, infer_variant
+from nanopali import CheckpointError
 from nanopali.processing import InputError
 
 # hf_reference's tiny towers (the conversion copies config.json from its checkpoints, and transformers'
@@ -182,7 +182,7 @@ def converted(tmp_path_factory, hf_checkpoint):
 
 def _npz_variant(hf_dir):
     """The HF directory's config with big_vision's embedding rows (no 64-row padding)."""
-    from nanopali.checkpoint import read_config
+    from nanopali.formats.hf import read_paligemma_config as read_config
 
     cfg = read_config(hf_dir)
     return replace(cfg, text=replace(cfg.text, vocab_size=SP_VOCAB_SIZE))
@@ -233,7 +233,7 @@ def test_npz_saved_as_hugging_face_by_nanopali_loads_in_transformers(converted, 
 
 def test_bf16_arrays_load_as_their_bfloat16_values(converted):
     npz, hf_dir = converted["pg2-bfloat16-params-prefix"]
-    model = nanopali.bigvision.load_model(npz, _npz_variant(hf_dir))
+    model = nanopali.formats.bigvision.load_npz_model(npz, _npz_variant(hf_dir))
     with np.load(npz, allow_pickle=False) as z:
         stored = z["params/llm/layers/mlp/linear"]
     assert stored.dtype == np.dtype("V2")
@@ -245,8 +245,8 @@ def test_bf16_arrays_load_as_their_bfloat16_values(converted):
 def test_compressed_npz_gives_the_same_weights_as_an_uncompressed_one(tmp_path, converted):
     params = random_bv_params(1, seed=1)
     variant = _npz_variant(converted["pg1-float32"][1])
-    a = nanopali.bigvision.load_model(save_npz(tmp_path / "a.npz", params), variant)
-    b = nanopali.bigvision.load_model(save_npz(tmp_path / "b.npz", params, compressed=True), variant)
+    a = nanopali.formats.bigvision.load_npz_model(save_npz(tmp_path / "a.npz", params), variant)
+    b = nanopali.formats.bigvision.load_npz_model(save_npz(tmp_path / "b.npz", params, compressed=True), variant)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -307,14 +307,14 @@ def test_shapes_of_no_released_variant_are_refused_with_the_shapes_named(tiny_pg
 
 def test_preset_that_does_not_match_the_arrays_is_named(tiny_pg1_npz):
     with pytest.raises(CheckpointError, match=r"does not match variant 'pg1-3b-224'") as e:
-        nanopali.bigvision.load_model(tiny_pg1_npz, "pg1-3b-224")
+        nanopali.formats.bigvision.load_npz_model(tiny_pg1_npz, "pg1-3b-224")
     assert "llm/layers/attn/q_einsum/w: expected [18, 8, 2048, 256], found [2, 4, 64, 16]" in str(e.value)
 
 
 def test_generation_that_does_not_match_the_arrays_is_named(tiny_pg1_npz, converted):
     pg2 = _npz_variant(converted["pg2-bfloat16-params-prefix"][1])
     with pytest.raises(CheckpointError) as e:
-        nanopali.bigvision.load_model(tiny_pg1_npz, pg2)
+        nanopali.formats.bigvision.load_npz_model(tiny_pg1_npz, pg2)
     msg = str(e.value)
     assert "Missing 2 array(s): llm/layers/post_attention_norm/scale, llm/layers/post_ffw_norm/scale" in msg
     assert "llm/layers/attn/kv_einsum/w: expected [2, 2, 2, 64, 16], found [2, 2, 1, 64, 16]" in msg
@@ -326,7 +326,7 @@ def test_missing_unexpected_and_mis_shaped_arrays_are_named_in_one_error(tmp_pat
     params["img/head/bias"] = params["img/head/bias"][:-1]
     params["llm/extra"] = np.zeros(3, np.float32)
     with pytest.raises(CheckpointError) as e:
-        nanopali.bigvision.load_model(save_npz(tmp_path / "bad.npz", params), _npz_variant(converted["pg1-float32"][1]))
+        nanopali.formats.bigvision.load_npz_model(save_npz(tmp_path / "bad.npz", params), _npz_variant(converted["pg1-float32"][1]))
     msg = str(e.value)
     assert "Missing 1 array(s): llm/final_norm/scale" in msg and "Unexpected 1 array(s): llm/extra" in msg
     assert "img/head/bias: expected [64], found [63]" in msg
@@ -351,7 +351,7 @@ def test_object_arrays_are_refused_without_unpickling(tmp_path):
     path = tmp_path / "evil.npz"
     np.savez(path, **params)  # np.savez pickles object arrays
     with pytest.raises(CheckpointError, match=r"img/head/bias holds Python objects"):
-        nanopali.bigvision.load_model(str(path))
+        nanopali.formats.bigvision.load_npz_model(str(path))
     assert not marker.exists()
     pickle.loads(pickle.dumps(_Payload(str(marker))))  # control: the payload does fire when unpickled
     assert marker.exists()
@@ -385,14 +385,14 @@ def test_truncated_npz_is_named(tmp_path, tiny_pg1_npz):
     path = tmp_path / "cut.npz"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"cut.npz is not an .npz file"):
-        nanopali.bigvision.load_model(str(path))
+        nanopali.formats.bigvision.load_npz_model(str(path))
 
 
 def test_array_of_integers_is_refused_with_its_dtype_named(tmp_path):
     params = random_bv_params(1)
     params["img/head/bias"] = params["img/head/bias"].astype(np.int32)
     with pytest.raises(CheckpointError, match=r"img/head/bias has dtype int32"):
-        nanopali.bigvision.load_model(save_npz(tmp_path / "int.npz", params))
+        nanopali.formats.bigvision.load_npz_model(save_npz(tmp_path / "int.npz", params))
 
 
 def test_npz_is_a_zip_of_npy_files():

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 import nanopali
-from nanopali import finetune, shapes
+from nanopali import shapes
+from nanopali.train import finetune
 from nanopali.model import PaliGemma
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

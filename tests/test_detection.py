@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nanopali.detection import PALETTE, bins_to_box, draw_detections, parse_detections
+from nanopali.tasks.detection import PALETTE, bins_to_box, draw_detections, parse_detections
 
 
 def test_known_answer_gives_exact_boxes_with_y_before_x():

@@ -4,10 +4,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import nanopali
-from nanopali import finetune
+from nanopali.train import finetune
 from nanopali.config import preset
-from nanopali.cost import GiB, estimate_memory, forward_flops
-from nanopali.data import collate, load_examples
+from nanopali.train.cost import GiB, estimate_memory, forward_flops
+from nanopali.train.data import collate, load_examples
 from test_finetune_data import records
 from test_finetune_data import one_thread  # noqa: F401  (autouse fixture)
 import train  # after test_finetune_data, which puts the repository root on sys.path

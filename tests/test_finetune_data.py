@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nanopali.data import DataError, DataOrder, Example, load_examples
-from nanopali.evaluate import detection_score, generation_metrics
+from nanopali.train.data import DataError, DataOrder, Example, load_examples
+from nanopali.train.evaluate import detection_score, generation_metrics
 from nanopali.processing import Processor
 
 ROOT = Path(__file__).resolve().parents[1]

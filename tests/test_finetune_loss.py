@@ -6,8 +6,8 @@ import torch
 
 import nanopali
 from hf_reference import load_tf
-from nanopali import finetune
-from nanopali.data import collate, load_examples
+from nanopali.train import finetune
+from nanopali.train.data import collate, load_examples
 from test_finetune_data import records
 from test_finetune_data import one_thread  # noqa: F401  (autouse fixture)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nanopali
-from nanopali import finetune, resume
+from nanopali.train import finetune, resume
 from nanopali.generate import generate
 from test_finetune_data import ROOT, records, write_dataset
 from test_finetune_data import one_thread  # noqa: F401  (autouse fixture)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import nanopali
-from nanopali import finetune
-from nanopali.data import collate, load_examples
-from nanopali.lora import LoRAConfig, LoRALinear, apply_lora, load_adapters, merge_lora, save_adapters
+from nanopali.train import finetune
+from nanopali.train.data import collate, load_examples
+from nanopali.train.lora import LoRAConfig, LoRALinear, apply_lora, load_adapters, merge_lora, save_adapters
 from test_finetune_data import records
 from test_finetune_data import one_thread  # noqa: F401  (autouse fixture)
 

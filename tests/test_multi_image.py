@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import nanopali
-from nanopali.data import collate, load_examples
-from nanopali.finetune import loss_terms
+from nanopali.train.data import collate, load_examples
+from nanopali.train.finetune import loss_terms
 from nanopali.generate import generate
 from hf_reference import tf_forward_logits
 

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 import importlib
-from nanopali.checkpoint import CheckpointError
-from nanopali.detection import PALETTE
-from nanopali.segmentation import (MaskDecoder, Segmentation, draw_segmentations, mask_to_rle, parse_segments,
+from nanopali import CheckpointError
+from nanopali.tasks.detection import PALETTE
+from nanopali.tasks.segmentation import (MaskDecoder, Segmentation, draw_segmentations, mask_to_rle, parse_segments,
                                    paste_mask, segment)
 
 CODE_DIM = 512  # spec §6.3 (from a third-party port): read from the codebook, not assumed by the loader

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from nanopali import shapes
-from nanopali.detection import parse_detections
+from nanopali.tasks.detection import parse_detections
 from nanopali.processing import Processor
 from nanopali.shapes import Scene, Shape
 
@@ -30,7 +30,7 @@ def test_scenes_hold_one_to_four_shapes_inside_the_image_that_never_touch():
         counts.add(len(s.shapes))
         for i, a in enumerate(s.shapes):
             assert 0 <= a.box[0] < a.box[2] <= 112 and 0 <= a.box[1] < a.box[3] <= 112
-            assert not any(shapes._near(a.box, b.box, gap=1) for b in s.shapes[i + 1:])
+            assert not any(shapes.boxes_near(a.box, b.box, gap=1) for b in s.shapes[i + 1:])
     assert counts == {1, 2, 3, 4}
 
 

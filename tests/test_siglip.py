@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 
 import classify
 import siglip_reference
-from nanopali import siglip_checkpoint
-from nanopali.checkpoint import CheckpointError
-from nanopali.siglip import PRESETS, SigLIPModel, sigmoid_loss
-from nanopali.siglip_processing import embed_images, zero_shot
+from nanopali.siglip import checkpoint as siglip_checkpoint
+from nanopali import CheckpointError
+from nanopali.siglip import SIGLIP_PRESETS as PRESETS, SigLIPModel, sigmoid_loss
+from nanopali.siglip import embed_images, zero_shot
 
 KINDS = ("siglip", "siglip2", "naflex")   # SigLIP; SigLIP 2 fixed resolution; SigLIP 2 NaFlex
 TEXTS = ["This is a photo of a Cat.", "A RED  circle, on the beach!", "answer en where is the dog? " * 8]
@@ -32,7 +32,7 @@ def pair(tmp_path_factory):
     def get(kind):
         if kind not in cache:
             path = siglip_reference.make_checkpoint(str(root / kind), kind)
-            cache[kind] = (*siglip_reference.load_tf(path), *siglip_checkpoint.load(path), path)
+            cache[kind] = (*siglip_reference.load_tf(path), *siglip_checkpoint.load_siglip(path), path)
         return cache[kind]
 
     return get
@@ -161,15 +161,15 @@ def test_loading_is_strict_and_names_the_tensors(pair, tmp_path):
     state["logit_bias"] = torch.zeros(2)
     save_file(state, str(bad / "model.safetensors"))
     with pytest.raises(CheckpointError) as e:
-        siglip_checkpoint.load(bad)
+        siglip_checkpoint.load_siglip(bad)
     msg = str(e.value)
     assert "vision_head.probe" in msg and "text_model.extra.weight" in msg and "logit_bias: expected [1]" in msg
     os.remove(bad / "spiece.model")
     with pytest.raises(CheckpointError, match="No spiece.model"):
-        siglip_checkpoint.load_processor(bad, siglip_checkpoint.read_config(src))
+        siglip_checkpoint.load_siglip_processor(bad, siglip_checkpoint.read_siglip_config(src))
     (bad / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
     with pytest.raises(CheckpointError, match="model_type 'paligemma'"):
-        siglip_checkpoint.load(bad)
+        siglip_checkpoint.load_siglip(bad)
 
 
 def test_presets_have_the_released_models_sizes():
@@ -189,8 +189,8 @@ def test_presets_have_the_released_models_sizes():
 def test_a_paligemma_with_a_siglip2_tower_runs_forward_generate_and_a_training_step(
         pair, hf_checkpoint, test_images, tmp_path):
     import nanopali
-    from nanopali import finetune
-    from nanopali.checkpoint import read_config
+    from nanopali.train import finetune
+    from nanopali.formats.hf import read_paligemma_config as read_config
     from nanopali.generate import generate
     from nanopali.processing import Processor
 
@@ -266,7 +266,7 @@ def test_classify_names_a_missing_checkpoint_and_image(pair, tmp_path):
 @pytest.mark.parametrize("kind", ["siglip", "naflex"])
 def test_bf16_on_cuda_gives_the_probabilities_of_fp32_on_cpu(pair, test_images, kind):
     _, _, _, model, processor, path = pair(kind)
-    gpu, _ = siglip_checkpoint.load(path, dtype="bfloat16", device="cuda")  # attn "auto": the fused kernel
+    gpu, _ = siglip_checkpoint.load_siglip(path, dtype="bfloat16", device="cuda")  # attn "auto": the fused kernel
     image = test_images["rgb-wide"]
     want = dict(zero_shot(model, processor, image, LABELS))
     got = dict(zero_shot(gpu, processor, image, LABELS))

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import nanopali
-from nanopali.video import sample_indices, video_frames
+from nanopali.tasks.video import sample_indices, video_frames
 from nanopali.vit import resample_pos_embed
 
 COLOURS = [(i * 20, 255 - i * 20, (i * 53) % 256) for i in range(12)]

@@ -4,9 +4,9 @@ A checkpoint directory holds config.json (model_type "siglip": SigLIP, and SigLI
 resolution; "siglip2": SigLIP 2 NaFlex), safetensors weights (`text_model.*`, `vision_model.*`,
 `logit_scale`, `logit_bias`), the tokenizer (spiece.model for SigLIP, Gemma's tokenizer.model for
 SigLIP 2) and optionally tokenizer_config.json and preprocessor_config.json. `_RENAMES` is the one
-place that says which HF tensor is which of ours; loading reuses checkpoint.py's reader (meta-device
-model, each tensor read straight into its parameter) and is as strict: one error lists every missing,
-unexpected and mis-shaped tensor.
+place that says which HF tensor is which of ours; loading goes through the one strict loader
+(formats/strict.py: meta-device model, each tensor read straight into its parameter, one error listing
+every missing, unexpected and mis-shaped tensor).
 
 SigLIP 2's fixed-resolution image tower is vit.py's, tensor for tensor, so `paligemma_with_siglip`
 puts one into a PaliGemma (as the SigLIP 2 paper's VLM experiments do) that train.py can fine-tune.
@@ -23,14 +23,14 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .checkpoint import (CheckpointError, read_tensor, read_safetensors_header, resolve_device, resolve_dtype,
-                         weight_files)
-from .checkpoint import hf_to_nanopali as paligemma_name, read_config as read_paligemma_config
-from .config import PaliGemmaConfig, preset as paligemma_preset
-from .model import PaliGemma
-from .siglip import SigLIPModel, SigLIPModelConfig, TextConfig, preset as siglip_preset
-from .siglip_processing import SigLIPProcessor
-from .vit import SigLIPConfig
+from ..config import PaliGemmaConfig, preset as paligemma_preset
+from ..formats import hf
+from ..formats.files import CheckpointError, resolve_device, resolve_dtype, weight_files
+from ..formats.strict import load_strict, safetensors_sources
+from ..model import PaliGemma
+from ..vit import SigLIPConfig
+from .model import SigLIPModel, SigLIPModelConfig, TextConfig, siglip_preset
+from .processing import SigLIPProcessor
 
 _LAYER = r"(vision|text)_model\.encoder\.layers\.(\d+)\."
 _RENAMES = [  # HF name → nanopali name
@@ -54,7 +54,7 @@ _RENAMES = [  # HF name → nanopali name
 ]
 
 
-def hf_to_nanopali(key: str) -> str | None:
+def siglip_name(key: str) -> str | None:
     for pattern, repl in _RENAMES:
         m = re.fullmatch(pattern + r"(.*)", key)
         if m:
@@ -69,7 +69,7 @@ def _int(d: dict, name: str, default: int) -> int:
     return v
 
 
-def from_hf_config(cfg: dict) -> SigLIPModelConfig:
+def siglip_config_from_hf(cfg: dict) -> SigLIPModelConfig:
     """A SigLIPModelConfig from config.json, with transformers' defaults for omitted fields."""
     kind = cfg.get("model_type")
     if kind not in ("siglip", "siglip2"):
@@ -120,53 +120,30 @@ def _check_dir(path) -> str:
     return path
 
 
-def read_config(ckpt_dir: str) -> SigLIPModelConfig:
+def read_siglip_config(ckpt_dir: str) -> SigLIPModelConfig:
     path = os.path.join(_check_dir(ckpt_dir), "config.json")
     cfg = _json(path)
     if cfg is None:
         raise CheckpointError(f"No config.json in {ckpt_dir}: not a Hugging Face checkpoint directory")
     try:
-        return from_hf_config(cfg)
+        return siglip_config_from_hf(cfg)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_state(model: nn.Module, files: list[str], dtype: torch.dtype, device, prefix: str = "",
-               rename=hf_to_nanopali) -> None:
-    """Fill `model`'s parameters from safetensors files, strictly, one tensor at a time; `rename` maps a
+               rename=siglip_name) -> None:
+    """Fill `model`'s parameters from safetensors files through the strict loader; `rename` maps a
     file's names to the model's. With a `prefix`, only that part is filled and every tensor of the files
     that lands elsewhere is skipped (a PaliGemma takes just the image tower of a SigLIP checkpoint)."""
-    params = {n: p for n, p in model.named_parameters() if n.startswith(prefix)}
-    seen, unexpected, misshaped = set(), [], []
-    for path in files:
-        table, start = read_safetensors_header(path)
-        with open(path, "rb") as f:
-            for key, info in table.items():
-                name = rename(key)
-                if prefix and not (name or "").startswith(prefix):
-                    continue
-                if name not in params or name in seen:
-                    unexpected.append(key + (" (duplicate)" if name in seen else ""))
-                elif tuple(info["shape"]) != tuple(params[name].shape):
-                    misshaped.append(f"{key}: expected {list(params[name].shape)}, found {info['shape']}")
-                else:
-                    mod_name, _, attr = name.rpartition(".")
-                    mod = model.get_submodule(mod_name)
-                    value = read_tensor(f, info, start, dtype, device)
-                    mod._parameters[attr] = nn.Parameter(value, requires_grad=mod._parameters[attr].requires_grad)
-                    seen.add(name)
-    missing = [n for n in params if n not in seen]
-    if missing or unexpected or misshaped:
-        parts = [f"{what} {len(items)} tensor(s): " + ", ".join(items)
-                 for what, items in (("Missing", missing), ("Unexpected", unexpected), ("Mis-shaped", misshaped))
-                 if items]
-        raise CheckpointError(f"Checkpoint {', '.join(files)} does not match its config.json:\n" + "\n".join(parts))
+    load_strict(model, safetensors_sources(files), rename, dtype=dtype, device=device, only=prefix,
+                where=f"Checkpoint {', '.join(files)} does not match its config.json")
 
 
-def load_model(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto") -> SigLIPModel:
+def load_siglip_model(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto") -> SigLIPModel:
     """The two-tower model alone from a Hugging Face SigLIP / SigLIP 2 checkpoint directory."""
     dtype, device = resolve_dtype(dtype), resolve_device(device)
-    cfg = read_config(path)
+    cfg = read_siglip_config(path)
     with torch.device("meta"):
         model = SigLIPModel(cfg)
     load_state(model, weight_files(os.fspath(path)), dtype, device)
@@ -182,7 +159,7 @@ def _piece(value, default: str) -> str:
     return value if isinstance(value, str) else default
 
 
-def load_processor(path, cfg: SigLIPModelConfig) -> SigLIPProcessor:
+def load_siglip_processor(path, cfg: SigLIPModelConfig) -> SigLIPProcessor:
     """The processor a checkpoint directory describes (tokenizer file, tokenizer_config.json,
     preprocessor_config.json, or the image processor inside processor_config.json)."""
     path = _check_dir(path)
@@ -217,10 +194,10 @@ def load_processor(path, cfg: SigLIPModelConfig) -> SigLIPProcessor:
                            resample=ip.get("resample", Image.Resampling.BICUBIC))
 
 
-def load(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto") -> tuple[SigLIPModel, SigLIPProcessor]:
+def load_siglip(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto") -> tuple[SigLIPModel, SigLIPProcessor]:
     """(model, processor) from a Hugging Face SigLIP / SigLIP 2 checkpoint directory."""
-    model = load_model(path, dtype, device, attn_impl)
-    return model, load_processor(path, model.cfg)
+    model = load_siglip_model(path, dtype, device, attn_impl)
+    return model, load_siglip_processor(path, model.cfg)
 
 
 def paligemma_config(siglip: SigLIPModelConfig | str, base: PaliGemmaConfig | str = "pg2-3b-224") -> PaliGemmaConfig:
@@ -240,15 +217,15 @@ def paligemma_with_siglip(siglip_dir, base: PaliGemmaConfig | str = "pg2-3b-224"
     checkpoint directory `language_model_from` when given (its decoder config must be base's; its image
     tower and projector are not read); the projector, and the decoder otherwise, start from
     `finetune.init_random`. Save it with `nanopali.save_checkpoint` and fine-tune it with train.py."""
-    from .finetune import init_random
+    from ..train.finetune import init_random
 
-    cfg = paligemma_config(read_config(siglip_dir), base)
+    cfg = paligemma_config(read_siglip_config(siglip_dir), base)
     model = init_random(PaliGemma(cfg), seed)
     load_state(model, weight_files(os.fspath(siglip_dir)), torch.float32, "cpu", prefix="vision_tower.")
     if language_model_from is not None:
-        text = read_paligemma_config(language_model_from).text
+        text = hf.read_paligemma_config(language_model_from).text
         if text != cfg.text:
             raise CheckpointError(f"{language_model_from}: its decoder is not base's: {text} vs {cfg.text}")
         load_state(model, weight_files(os.fspath(language_model_from)), torch.float32, "cpu",
-                   prefix="language_model.", rename=lambda key: paligemma_name(key, cfg.generation))
+                   prefix="language_model.", rename=lambda key: hf.paligemma_name(key, cfg.generation))
     return model.eval()

@@ -12,11 +12,11 @@ PaliGemma's task prefixes (paper §3.2, spec §8):
 
 It is the task of the tiny model bundled in nanopali/assets/tiny-shapes; this file also holds the
 task's tokenizer (`train_tokenizer`) and the held-out metrics (`evaluate`). Regenerate the data,
-tokenizer and stage-0 image encoder with `python -m nanopali.shapes OUT_DIR` (then recipes/tiny_shapes.py).
+tokenizer and stage-0 image encoder with `python -m nanopali.shapes OUT_DIR` (__main__.py; then
+recipes/tiny_shapes.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -36,7 +36,7 @@ HELD_OUT_SEED = 10_000_000   # training data uses seeds below this, evaluation s
 # colours, the first three the shipped model answers right on caption, count and detection (6 of the
 # first 7 such scenes; it missed a box in 20,000,194). Its held-out rates are in the README.
 BUNDLED_SEEDS = (20_000_276, 20_000_292, 20_000_300)
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 BUNDLED_MODEL = os.path.join(ASSETS, "tiny-shapes")          # the model trained on this task, HF layout
 SUPERSAMPLE = 4              # shapes are drawn 4x larger, then box-filtered: anti-aliased edges
 GRID = 4                     # shapes sit on a 4x4 lattice of cells (see make_scene)
@@ -104,7 +104,7 @@ def make_scene(seed: int, size: int = RENDER_SIZE) -> Scene:
         for _ in range(50):             # rejection sampling; a shape that never fits is left out
             x0, y0 = (int(v) for v in rng.integers(0, GRID - side + 1, size=2))
             box = (x0, y0, x0 + side, y0 + side)
-            if not any(_near(box, b, gap=0) for b, _, _ in placed):      # cells never overlap
+            if not any(boxes_near(box, b, gap=0) for b, _, _ in placed):      # cells never overlap
                 placed.append((box, kind, colour))
                 break
     inset = (MARGIN, MARGIN, -MARGIN, -MARGIN)
@@ -114,7 +114,7 @@ def make_scene(seed: int, size: int = RENDER_SIZE) -> Scene:
     return Scene(seed, size, shapes, background, int(rng.integers(110, 236)))
 
 
-def _near(a, b, gap: int) -> bool:
+def boxes_near(a, b, gap: int) -> bool:
     return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
 
 
@@ -261,7 +261,7 @@ def score(scenes: list[Scene], answer) -> dict[str, float]:
     to a model). caption exact match, count accuracy, colour-question accuracy (one question per
     scene that has one), detection mean IoU (all kinds asked; evaluate.detection_score per scene:
     each true box scores its best same-label predicted IoU, missing boxes 0)."""
-    from .evaluate import detection_score
+    from ..train.evaluate import detection_score
 
     images = [s.image() for s in scenes]
     jobs = [(i, "caption en", caption(s)) for i, s in enumerate(scenes)]
@@ -284,7 +284,7 @@ def evaluate(model, processor, num_scenes: int = 100, size: int = RENDER_SIZE, b
              first_seed: int = HELD_OUT_SEED) -> dict[str, float]:
     """`score` of a model on freshly generated scenes it never trained on (greedy decoding); the
     processor resizes the `size`-pixel pictures to the model's input, as for a user's image."""
-    from .generate import generate
+    from ..generate import generate
 
     def answer(images, prompts):
         out = []
@@ -293,27 +293,3 @@ def evaluate(model, processor, num_scenes: int = 100, size: int = RENDER_SIZE, b
         return out
 
     return score([make_scene(first_seed + i, size) for i in range(num_scenes)], answer)
-
-
-def main(argv=None) -> None:
-    from .shapes_pretrain import pretrain_image_encoder
-
-    p = argparse.ArgumentParser(description="Write the shapes task (train/eval JSONL, images, tokenizer.model) and "
-                                "the stage-0 starting point of the tiny model (OUT_DIR/init), for recipes/tiny_shapes.py")
-    p.add_argument("out_dir")
-    p.add_argument("--train", type=int, default=8000, help="training scenes (seeds 0..N-1)")
-    p.add_argument("--eval", type=int, default=200, help="held-out scenes (seeds from 10,000,000)")
-    p.add_argument("--init-steps", type=int, default=400, help="stage-0 steps of the image encoder (0: random init)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation and of stage 0")
-    args = p.parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
-    tok = train_tokenizer(os.path.join(args.out_dir, "tokenizer.model"))
-    write_jsonl(args.out_dir, "train", range(args.train))
-    write_jsonl(args.out_dir, "eval", range(HELD_OUT_SEED, HELD_OUT_SEED + args.eval))
-    print(f"wrote {args.out_dir}: tokenizer.model, train.jsonl ({args.train} scenes), eval.jsonl ({args.eval})")
-    pretrain_image_encoder(os.path.join(args.out_dir, "init"), tok, args.out_dir, range(args.train),
-                           steps=args.init_steps, seed=args.seed)
-
-
-if __name__ == "__main__":
-    main()

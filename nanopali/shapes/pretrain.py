@@ -29,13 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from . import finetune, shapes
-from .checkpoint import save_checkpoint
-from .config import PaliGemmaConfig, _alternating
-from .gemma import GemmaConfig
-from .model import PaliGemma
-from .processing import preprocess_image
-from .vit import SigLIPConfig
+from .. import formats
+from ..config import PaliGemmaConfig, alternating_layers
+from ..gemma import GemmaConfig
+from ..model import PaliGemma
+from ..processing import preprocess_image
+from ..train import finetune
+from ..vit import SigLIPConfig
+from . import task as shapes
 
 
 def tiny_config(tokenizer_path: str) -> PaliGemmaConfig:
@@ -50,7 +51,7 @@ def tiny_config(tokenizer_path: str) -> PaliGemmaConfig:
     pieces = spm.SentencePieceProcessor(model_file=tokenizer_path).get_piece_size()
     text = GemmaConfig(vocab_size=pieces + 64, width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=2,
                        head_dim=32, query_pre_attn_scalar=32, post_norms=True, attn_softcap=50.0,
-                       final_softcap=30.0, sliding_window=24, layer_types=_alternating(4))
+                       final_softcap=30.0, sliding_window=24, layer_types=alternating_layers(4))
     vision = SigLIPConfig(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=14, image_size=shapes.IMAGE_SIZE)
     return PaliGemmaConfig(vision=vision, text=text, image_token_id=pieces)
 
@@ -108,6 +109,6 @@ def pretrain_image_encoder(out_dir: str, tokenizer_path: str, data_dir: str, see
             if step % log_every == 0 or step == steps:
                 print(f"stage 0 step {step}/{steps} | loss {loss.item():.4f} | kind accuracy on shape patches "
                       f"{np.mean(acc[-log_every:]):.3f} | {time.perf_counter() - t0:.0f} s", flush=True)
-    save_checkpoint(model, out_dir, tokenizer_path)
+    formats.save_checkpoint(model, out_dir, tokenizer_path)
     print(f"wrote {out_dir} (stage 0: image encoder + projector trained {steps} steps; decoder random)")
     return out_dir

@@ -19,13 +19,12 @@ import re
 from dataclasses import replace
 
 import torch
-import torch.nn as nn
 
-from .config import PaliGemmaConfig, from_hf_config, to_hf_config
-from .files import (CheckpointError, atomic_write, read_safetensors_header, read_tensor,  # noqa: F401
-                    resolve_device, resolve_dtype, weight_files)
-from .model import PaliGemma
-from .vit import resample_pos_embed
+from ..config import PaliGemmaConfig, from_hf_config, to_hf_config
+from ..model import PaliGemma
+from ..vit import resample_pos_embed
+from .files import CheckpointError, atomic_write, resolve_device, resolve_dtype, weight_files
+from .strict import SKIP, load_strict, safetensors_sources
 
 
 # HF name (canonical hub layout, `vision_model.` dropped) → nanopali name. PaliGemma 1 calls its
@@ -59,7 +58,7 @@ def canonical_hf_name(key: str) -> str:
     return key.replace("vision_tower.vision_model.", "vision_tower.")
 
 
-def hf_to_nanopali(key: str, generation: int) -> str | None:
+def paligemma_name(key: str, generation: int) -> str | None:
     key = canonical_hf_name(key)
     for pattern, repl in _RENAMES:
         m = re.fullmatch(pattern + r"(.*)", key)
@@ -92,62 +91,40 @@ def hub_names(cfg: PaliGemmaConfig) -> list[str]:
 
 def nanopali_names(cfg: PaliGemmaConfig) -> dict[str, str]:
     """nanopali parameter name → hub name, for saving in the layout the released files use."""
-    return {hf_to_nanopali(k, cfg.generation): k for k in hub_names(cfg)}
+    return {paligemma_name(k, cfg.generation): k for k in hub_names(cfg)}
 
 
 def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device, resample_pos: bool = False) -> None:
-    """Fill a meta-device model from safetensors files, strictly, one tensor at a time.
+    """Fill a meta-device model from safetensors files through the strict loader (strict.py).
 
     resample_pos: a SigLIP position table of another resolution is resampled to the model's grid
-    (`vit.resample_pos_embed`) instead of being reported as mis-shaped."""
-    params = dict(model.named_parameters())
-    gen = model.cfg.generation
-    seen, unexpected, misshaped, head = set(), [], [], None
-    for path in files:
-        table, start = read_safetensors_header(path)
-        with open(path, "rb") as f:
-            for key, info in table.items():
-                if canonical_hf_name(key) == LM_HEAD:
-                    head = (path, info, start)
-                    continue
-                name = hf_to_nanopali(key, gen)
-                if name not in params:
-                    unexpected.append(key)
-                    continue
-                if name == "vision_tower.pos_embed" and resample_pos and info["shape"] != list(params[name].shape):
-                    pos = read_tensor(f, info, start, torch.float32, device)
-                    _assign(model, name, resample_pos_embed(pos, params[name].shape[0]).to(dtype))
-                    seen.add(name)
-                    continue
-                if tuple(info["shape"]) != tuple(params[name].shape):
-                    misshaped.append(f"{key}: expected {list(params[name].shape)}, found {info['shape']}")
-                    continue
-                if name in seen:
-                    unexpected.append(f"{key} (duplicate)")
-                    continue
-                _assign(model, name, read_tensor(f, info, start, dtype, device))
-                seen.add(name)
-    missing = [n for n in params if n not in seen]
-    if missing or unexpected or misshaped:
-        parts = []
-        to_hf = nanopali_names(model.cfg)
-        for what, items in (("Missing", [to_hf.get(n, n) for n in missing]),
-                            ("Unexpected", unexpected), ("Mis-shaped", misshaped)):
-            if items:
-                parts.append(f"{what} {len(items)} tensor(s): " + ", ".join(items))
-        raise CheckpointError(f"Checkpoint {', '.join(files)} does not match the config:\n" + "\n".join(parts))
-    if head is not None:
-        path, info, start = head
-        with open(path, "rb") as f:
-            w = read_tensor(f, info, start, dtype, device)
-        if w.shape != model.language_model.embed.weight.shape or not torch.equal(w, model.language_model.embed.weight):
-            raise CheckpointError(f"{path}: lm_head.weight differs from the token embedding; PaliGemma ties them")
+    (`vit.resample_pos_embed`) instead of being reported as mis-shaped. A stored lm_head must equal
+    the embedding it is tied to; it is read and compared after the rest, never kept."""
+    heads = []
 
+    def rename(key: str):
+        if canonical_hf_name(key) == LM_HEAD:
+            return SKIP
+        return paligemma_name(key, model.cfg.generation)
 
-def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    mod_name, _, attr = name.rpartition(".")
-    mod = model.get_submodule(mod_name)
-    mod._parameters[attr] = nn.Parameter(value, requires_grad=mod._parameters[attr].requires_grad)
+    def sources():
+        for src in safetensors_sources(files):
+            if canonical_hf_name(src.key) == LM_HEAD:
+                heads.append(src)
+            yield src
+
+    def resample(src, shape, dtype, device):
+        return resample_pos_embed(src.read(torch.float32, device), shape[0]).to(dtype)
+
+    to_hf = nanopali_names(model.cfg)
+    load_strict(model, sources(), rename, dtype=dtype, device=device,
+                where=f"Checkpoint {', '.join(files)} does not match the config",
+                adapt={"vision_tower.pos_embed": resample} if resample_pos else None,
+                file_name=lambda n: to_hf.get(n, n))
+    embed = model.language_model.embed.weight
+    for src in heads:
+        if tuple(src.shape) != tuple(embed.shape) or not torch.equal(src.read(dtype, device), embed):
+            raise CheckpointError(f"{', '.join(files)}: {src.key} differs from the token embedding; PaliGemma ties them")
 
 
 def save_checkpoint(model: PaliGemma, out_dir: str, tokenizer_path: str | None = None) -> None:
@@ -166,7 +143,7 @@ def save_checkpoint(model: PaliGemma, out_dir: str, tokenizer_path: str | None =
         atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda tmp: open(tmp, "wb").write(data))
 
 
-def read_config(ckpt_dir: str) -> PaliGemmaConfig:
+def read_paligemma_config(ckpt_dir: str) -> PaliGemmaConfig:
     path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"No config.json in {ckpt_dir}: not a Hugging Face checkpoint directory")
@@ -179,8 +156,8 @@ def read_config(ckpt_dir: str) -> PaliGemmaConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto",
-               image_size: int | None = None) -> PaliGemma:
+def load_paligemma_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto",
+                         image_size: int | None = None) -> PaliGemma:
     """The model alone from a Hugging Face checkpoint directory (config.json + safetensors).
 
     image_size: run at another resolution than the checkpoint's (the paper's stage 2, 224 → 448 → 896):
@@ -192,7 +169,7 @@ def load_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "a
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory (config.json, tokenizer.model, "
                               "*.safetensors)")
-    cfg = read_config(path)
+    cfg = read_paligemma_config(path)
     if image_size is not None and image_size != cfg.vision.image_size:
         if image_size <= 0 or image_size % cfg.vision.patch_size:
             raise CheckpointError(f"image_size={image_size} is not a positive multiple of the patch size "
@@ -205,26 +182,3 @@ def load_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "a
     model.eval()
     model.attn_impl = attn_impl
     return model
-
-
-def load(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, variant=None,
-         tokenizer: str | None = None, image_size: int | None = None):
-    """(model, processor) from a Hugging Face PaliGemma / PaliGemma 2 checkpoint directory, or from a
-    big_vision `.npz` file, which needs `tokenizer=` and takes `variant=` (see `nanopali.bigvision.load`).
-    image_size (HF directories): load into another resolution, resampling the position table."""
-    from .processing import Processor
-
-    if os.fspath(path).endswith(".npz"):
-        from . import bigvision
-        return bigvision.load(path, variant, tokenizer, dtype, device, attn_impl)
-    if variant is not None or tokenizer is not None:
-        raise CheckpointError(f"variant= and tokenizer= are for big_vision .npz files; {path} is loaded as a "
-                              "Hugging Face directory, whose config.json and tokenizer.model say both")
-    tok = os.path.join(os.fspath(path), "tokenizer.model")
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(tok):
-        raise CheckpointError(f"No tokenizer.model in {path} (the SentencePiece file of the checkpoint)")
-    model = load_model(path, dtype, device, attn_impl, image_size)
-    cfg = model.cfg
-    processor = Processor(tok, cfg.vision.image_size, cfg.num_image_tokens, cfg.image_token_id,
-                          cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
-    return model, processor

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import resolve_device
+from ..formats.files import resolve_device
 from .finetune import AUTOCAST_DTYPES
 
 

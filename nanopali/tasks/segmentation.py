@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .bigvision import NpzArrays, to_tensor
-from .checkpoint import CheckpointError
+from ..formats.bigvision import NpzArrays, to_tensor
+from ..formats.strict import SKIP, Source, load_strict
 from .detection import PALETTE, Detection, bins_to_box, draw_detections
 
 # Letters: B masks, C code dim, h/w spatial size.
@@ -79,18 +79,17 @@ class MaskDecoder(nn.Module):
             code_dim = shapes[CODEBOOK_KEY][1] if len(shapes.get(CODEBOOK_KEY, ())) == 2 else 512
             with torch.device("meta"):
                 model = cls(code_dim)
-            names = {CODEBOOK_KEY if n == "codebook" else n: n for n, _ in model.named_parameters()}
-            want = {k: tuple(model.get_parameter(n).shape) for k, n in names.items()}
-            missing = [k for k in want if k not in shapes]
-            misshaped = [f"{k}: expected {list(want[k])}, found {list(shapes[k])}"
-                         for k in want if k in shapes and shapes[k] != want[k]]
-            unexpected = [k for k in shapes if k not in want and not k.startswith(_UNUSED_PREFIXES)] + npz.others
-            parts = [f"{what} {len(items)} array(s): " + ", ".join(items) for what, items in
-                     (("Missing", missing), ("Unexpected", unexpected), ("Mis-shaped", misshaped)) if items]
-            if parts:
-                raise CheckpointError(f"{path} is not a PaliGemma VQ-VAE (vae-oid.npz):\n" + "\n".join(parts))
-            state = {n: to_tensor(npz.read(k), torch.float32, device) for k, n in names.items()}
-        model.load_state_dict(state, assign=True)
+
+            def rename(key: str):
+                if key == CODEBOOK_KEY:
+                    return "codebook"
+                return SKIP if key.startswith(_UNUSED_PREFIXES) else key
+
+            sources = (Source(k, shape, lambda dtype, device, k=k: to_tensor(npz.read(k), dtype, device))
+                       for k, shape in shapes.items())
+            load_strict(model, sources, rename, dtype=torch.float32, device=device, unexpected=npz.others,
+                        noun="array", where=f"{path} is not a PaliGemma VQ-VAE (vae-oid.npz)",
+                        file_name=lambda n: CODEBOOK_KEY if n == "codebook" else n)
         return model.eval()
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vit import Block, SigLIPConfig
+from ..vit import EncoderBlock, SigLIPConfig
 
 # Letters: I images, P patch slots (the budget), h×w an image's patch grid, g×g the table, W width.
 
@@ -78,14 +78,14 @@ def resize_pos_embed(pos: torch.Tensor, grid_hw: torch.Tensor, length: int) -> t
 
 
 class NaFlexViT(nn.Module):
-    """vit.SigLIP with a linear patch embedding, per-image positions and a patch mask."""
+    """vit.SigLIPEncoder with a linear patch embedding, per-image positions and a patch mask."""
 
     def __init__(self, cfg: SigLIPConfig):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, cfg.width)
         self.pos_embed = nn.Parameter(torch.empty(cfg.num_patches, cfg.width))      # the g×g table
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.attn_impl = "auto"
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PaliGemmaConfig
+from ..config import PaliGemmaConfig
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Dense bf16/fp16 tensor-core peaks (vendor data sheets, SXM parts), for MFU.
@@ -115,7 +115,7 @@ def estimate_memory(cfg: PaliGemmaConfig, preset: str, *, batch: int, seq_len: i
     bound on the logits). shards > 1 (FSDP) divides weights, gradients and AdamW state."""
     from .finetune import set_trainable
     from .lora import apply_lora
-    from .model import PaliGemma
+    from ..model import PaliGemma
 
     with torch.device("meta"):
         model = PaliGemma(cfg)

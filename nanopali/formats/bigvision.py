@@ -25,11 +25,11 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from .checkpoint import CheckpointError, resolve_device, resolve_dtype
-from .config import PRESETS, PaliGemmaConfig, preset
-from .model import PaliGemma
+from ..config import PRESETS, PaliGemmaConfig, preset
+from ..model import PaliGemma
+from .files import CheckpointError, resolve_device, resolve_dtype
+from .strict import assign, mismatch_error
 
 # Letters: W SigLIP width, P patches, p patch side, D Gemma width, L layers, N heads, K kv heads,
 # H head dim, F MLP width, V vocab rows.
@@ -250,17 +250,14 @@ def resolve_variant(variant, npz: NpzArrays) -> PaliGemmaConfig:
     else:
         raise TypeError(f"variant must be a preset name or a PaliGemmaConfig, got {type(variant).__name__}")
     want = npz_shapes(cfg)
-    parts = []
-    for what, items in (("Missing", [k for k in want if k not in shapes]),
-                        ("Unexpected", [k for k in shapes if k not in want] + npz.others),
-                        ("Mis-shaped", [f"{k}: expected {list(want[k])}, found {list(shapes[k])}"
-                                        for k in want if k in shapes and want[k] != shapes[k]])):
-        if items:
-            parts.append(f"{what} {len(items)} array(s): " + ", ".join(items))
-    if parts:
-        guess = infer_variant(shapes)
-        hint = f"\nThe arrays match variant {guess!r}." if guess else ""
-        raise CheckpointError(f"{npz.path} does not match {label}:\n" + "\n".join(parts) + hint)
+    guess = infer_variant(shapes)
+    error = mismatch_error(f"{npz.path} does not match {label}", [k for k in want if k not in shapes],
+                           [k for k in shapes if k not in want] + npz.others,
+                           [f"{k}: expected {list(want[k])}, found {list(shapes[k])}"
+                            for k in want if k in shapes and want[k] != shapes[k]],
+                           noun="array", hint=f"\nThe arrays match variant {guess!r}." if guess else "")
+    if error is not None:
+        raise error
     return cfg
 
 
@@ -271,22 +268,13 @@ def to_tensor(a: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
     return t.to(dtype=dtype, device=device)
 
 
-def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    mod_name, _, attr = name.rpartition(".")
-    mod = model.get_submodule(mod_name)
-    old = mod._parameters[attr]
-    if old.shape != value.shape:  # the table above is wrong, not the file (its shapes were checked)
-        raise RuntimeError(f"nanopali bug: {name} is {list(old.shape)}; the .npz mapping gave {list(value.shape)}")
-    mod._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
-
-
 def _build(npz: NpzArrays, cfg: PaliGemmaConfig, dtype, device, attn_impl: str) -> PaliGemma:
     """The model on the meta device, then each parameter read from the file straight into place."""
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     with torch.device("meta"):
         model = PaliGemma(cfg)
     for name, key, index, f in _mapping(cfg):
-        _set(model, name, to_tensor(f(npz.read(key, index)), dtype, device))
+        assign(model, name, to_tensor(f(npz.read(key, index)), dtype, device))
     unset = [n for n, p in model.named_parameters() if p.is_meta]
     if unset:
         raise RuntimeError(f"nanopali bug: the .npz mapping does not fill {', '.join(unset)}")
@@ -295,13 +283,13 @@ def _build(npz: NpzArrays, cfg: PaliGemmaConfig, dtype, device, attn_impl: str) 
     return model
 
 
-def load_model(path: str, variant=None, dtype=torch.float32, device="cpu", attn_impl: str = "auto") -> PaliGemma:
+def load_npz_model(path: str, variant=None, dtype=torch.float32, device="cpu", attn_impl: str = "auto") -> PaliGemma:
     """The model alone from a big_vision .npz (see `load`)."""
     with NpzArrays(path) as npz:
         return _build(npz, resolve_variant(variant, npz), dtype, device, attn_impl)
 
 
-def load(path: str, variant=None, tokenizer: str | None = None, dtype=torch.float32, device="cpu",
+def load_npz(path: str, variant=None, tokenizer: str | None = None, dtype=torch.float32, device="cpu",
          attn_impl: str = "auto"):
     """(model, processor) from a big_vision PaliGemma / PaliGemma 2 `.npz`.
 
@@ -312,7 +300,7 @@ def load(path: str, variant=None, tokenizer: str | None = None, dtype=torch.floa
     tokenizer: the SentencePiece file (big_vision's `paligemma_tokenizer.model`, or `tokenizer.model`
     of any Hugging Face PaliGemma repo: PaliGemma 2 uses PaliGemma 1's); an .npz holds weights only.
     The reference switches keep transformers' defaults; see README for big_vision's settings."""
-    from .processing import Processor
+    from ..processing import Processor
 
     if tokenizer is None:
         raise CheckpointError(f"{path} is a big_vision .npz, which holds weights only: pass tokenizer= the "
@@ -320,8 +308,7 @@ def load(path: str, variant=None, tokenizer: str | None = None, dtype=torch.floa
                               "tokenizer.model of a Hugging Face PaliGemma repo)")
     with NpzArrays(path) as npz:
         cfg = resolve_variant(variant, npz)
-        processor = Processor(os.fspath(tokenizer), cfg.vision.image_size, cfg.num_image_tokens,
-                              cfg.image_token_id, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
+        processor = Processor.for_model(os.fspath(tokenizer), cfg)
         if cfg.image_token_id < processor.sp.get_piece_size():
             raise CheckpointError(f"image_token_id {cfg.image_token_id} is a real piece of {tokenizer} "
                                   f"({processor.sp.get_piece_size()} pieces); <image> must lie past the tokenizer")

@@ -14,7 +14,7 @@ import warnings
 
 from PIL import Image, ImageSequence
 
-from .processing import InputError, load_image
+from ..processing import InputError, load_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 ANIMATED_EXTS = (".gif", ".webp", ".png", ".apng")

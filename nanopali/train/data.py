@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .processing import InputError, Processor, load_image
+from ..processing import InputError, Processor, load_image
 
 REQUIRED_KEYS = ("image", "prefix", "suffix")
 

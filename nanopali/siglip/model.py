@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import reference_attention, resolve_impl, sdpa_attention
-from .siglip2 import NaFlexViT
-from .vit import MLP, Block, SigLIP, SigLIPConfig
+from ..attention import reference_attention, resolve_impl, sdpa_attention
+from ..vit import MLP, EncoderBlock, SigLIPConfig, SigLIPEncoder
+from .naflex import NaFlexViT
 
 # Letters: I images, J texts, P patches, T text tokens, W width, N heads, H head dim, E embedding dim.
 
@@ -39,7 +39,7 @@ class TextConfig:
     layer_norm_eps: float = 1e-6
 
     def as_block_config(self) -> SigLIPConfig:
-        """The text blocks are vit.Block: the same pre-LN layer, read only for these five numbers."""
+        """The text blocks are vit.EncoderBlock: the same pre-LN layer, read only for these five numbers."""
         return SigLIPConfig(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                             layer_norm_eps=self.layer_norm_eps)
 
@@ -59,7 +59,7 @@ class TextTower(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.empty(cfg.max_length, cfg.width))
-        self.blocks = nn.ModuleList(Block(cfg.as_block_config()) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(EncoderBlock(cfg.as_block_config()) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.width, cfg.projection_dim)
         self.attn_impl = "auto"
@@ -111,7 +111,7 @@ class SigLIPModel(nn.Module):
     def __init__(self, cfg: SigLIPModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision_tower = NaFlexViT(cfg.vision) if cfg.naflex else SigLIP(cfg.vision)
+        self.vision_tower = NaFlexViT(cfg.vision) if cfg.naflex else SigLIPEncoder(cfg.vision)
         self.vision_head = MAPHead(cfg.vision)
         self.text_tower = TextTower(cfg.text)
         # t' and b of the paper (§3.2): logits = exp(t') · cos + b, initialised as there, t' = log 10 and
@@ -185,7 +185,7 @@ def _preset(size: str, patch: int, res, vocab: int, text_len: int = 64) -> SigLI
     return SigLIPModelConfig(vision, TextConfig(vocab, tw, td, tm, tn, text_len, w), naflex)
 
 
-PRESETS: dict[str, SigLIPModelConfig] = {
+SIGLIP_PRESETS: dict[str, SigLIPModelConfig] = {
     # SigLIP (google/siglip-{base-patch16-224,...}): English T5 vocab (32k), or multilingual (250k).
     **{f"siglip-b16-{r}": _preset("b", 16, r, 32000) for r in (224, 256, 384, 512)},
     "siglip-b16-256-i18n": _preset("b", 16, 256, 250000),
@@ -205,11 +205,11 @@ PRESETS: dict[str, SigLIPModelConfig] = {
 }
 
 
-def preset(name: str) -> SigLIPModelConfig:
-    if name not in PRESETS:
-        raise ValueError(f"Unknown SigLIP preset {name!r}. Known presets: {', '.join(PRESETS)}")
-    return PRESETS[name]
+def siglip_preset(name: str) -> SigLIPModelConfig:
+    if name not in SIGLIP_PRESETS:
+        raise ValueError(f"Unknown SigLIP preset {name!r}. Known presets: {', '.join(SIGLIP_PRESETS)}")
+    return SIGLIP_PRESETS[name]
 
 
 __all__ = ["TextConfig", "SigLIPModelConfig", "SigLIPModel", "TextTower", "MAPHead", "sigmoid_loss",
-           "PRESETS", "preset"]
+           "SIGLIP_PRESETS", "siglip_preset"]

@@ -27,10 +27,11 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from .checkpoint import atomic_write, save_checkpoint
-from .config import PaliGemmaConfig
+from ..config import PaliGemmaConfig
+from ..formats.files import atomic_write
+from ..formats.hf import save_checkpoint
 from .lora import apply_lora, merge_lora, save_adapters
-from .model import PaliGemma
+from ..model import PaliGemma
 
 STATE_FILE, LATEST = "train_state.pt", "latest"
 _STEP_DIR = re.compile(r"step_(\d+)")

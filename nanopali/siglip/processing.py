@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .processing import InputError, load_image, load_sentencepiece, to_rgb
-from .siglip import SigLIPModel
-from .siglip2 import naflex_size, patchify
+from ..processing import InputError, load_image, load_sentencepiece, to_rgb
+from .model import SigLIPModel
+from .naflex import naflex_size, patchify
 
 # Letters: I images, J texts, L text length, S image side, P patch slots.
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .data import Example, collate
-from .detection import parse_detections
+from ..tasks.detection import parse_detections
 from .finetune import autocast, evaluate_loss
 
 
@@ -54,7 +54,7 @@ def _shard(n: int, batch: int, world: int, rank: int) -> list[tuple[list[int], f
     return out
 
 
-def evaluate(objective, model, processor, examples: list[Example], *, batch_size: int, precision: str,
+def evaluate_held_out(objective, model, processor, examples: list[Example], *, batch_size: int, precision: str,
              generate: bool = True, max_new_tokens: int = 32, sharded_params: bool = False) -> dict:
     """{"loss", and with generate: "exact_match", "box_iou"} over `examples`, all ranks together.
 
@@ -80,7 +80,7 @@ def _generate_metrics(model, processor, examples, batch_size, max_new_tokens, sh
     if sharded_params:
         return {"generation": "skipped: parameters are sharded (FSDP)"}
     try:
-        from .generate import generate
+        from ..generate import generate
     except ImportError:
         return {"generation": "skipped: nanopali.generate is not available"}
     if rank != 0:

@@ -1,0 +1,40 @@
+"""Checkpoint files in, checkpoint files out: everything between a file on disk and a model's parameters.
+
+    files.py      the safetensors format read by hand (validated, no pickle), atomic writes, dtype/device names
+    strict.py     the one strict loader every format fills a model through
+    hf.py         Hugging Face PaliGemma directories: three key layouts in, the hub layout out
+    bigvision.py  Google's big_vision `.npz` checkpoints (stacked layers, einsum shapes)
+
+Data flows file → Source (name, shape, reader) → rename → check → parameter. `load` below is the one
+entry point behind `nanopali.load`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .files import CheckpointError
+from .hf import load_paligemma_model, save_checkpoint
+
+__all__ = ["load", "save_checkpoint", "CheckpointError"]
+
+
+def load(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, variant=None,
+         tokenizer: str | None = None, image_size: int | None = None):
+    """(model, processor) from a Hugging Face PaliGemma / PaliGemma 2 checkpoint directory, or from a
+    big_vision `.npz` file, which needs `tokenizer=` and takes `variant=` (see `bigvision.load_npz`).
+    image_size (HF directories): load into another resolution, resampling the position table."""
+    from ..processing import Processor
+
+    if os.fspath(path).endswith(".npz"):
+        from .bigvision import load_npz
+        return load_npz(path, variant, tokenizer, dtype, device, attn_impl)
+    if variant is not None or tokenizer is not None:
+        raise CheckpointError(f"variant= and tokenizer= are for big_vision .npz files; {path} is loaded as a "
+                              "Hugging Face directory, whose config.json and tokenizer.model say both")
+    tok = os.path.join(os.fspath(path), "tokenizer.model")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(tok):
+        raise CheckpointError(f"No tokenizer.model in {path} (the SentencePiece file of the checkpoint)")
+    model = load_paligemma_model(path, dtype, device, attn_impl, image_size)
+    return model, Processor.for_model(tok, model.cfg)
