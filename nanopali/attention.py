@@ -83,22 +83,30 @@ def log_choice(impl: str, device: torch.device, softcap: float | None) -> str:
     return chosen
 
 
-def attention(q, k, v, mask: PrefixLMMask | None, *, scale: float, softcap: float | None = None,
-              window: int | None = None, q_start=0, impl: str = "reference"):
-    """Attention of queries at absolute indices q_start.. over keys 0..S-1 under `mask`.
+def attention(q, k, v, mask: PrefixLMMask | None = None, *, scale: float, softcap: float | None = None,
+              window: int | None = None, q_start=0, key_mask: torch.Tensor | None = None, impl: str = "reference"):
+    """The one attention dispatch of the package: the decoder, SigLIP's encoders and its pooling head.
 
-    mask None = full bidirectional attention (SigLIP). Returns (B, N, T, H)."""
+    Queries at absolute indices q_start.. (an int, or a decode step's slot as a 0-d tensor) over keys
+    0..S-1. Which keys a query may read: `mask` (the decoder's prefix-LM rule, with the layer's
+    window), or `key_mask` (B, S), 1 = real key: rows padded on the right (SigLIP's text tower, NaFlex
+    patches), which is not a prefix-LM layout and so goes to the unfused paths; neither = full
+    attention (SigLIP on fixed-size images). Returns (B, N, T, H)."""
     impl = resolve_impl(impl, q.device, softcap)
     T, S = q.shape[2], k.shape[2]
-    if impl == "triton" and isinstance(q_start, torch.Tensor):
-        impl = "reference" if softcap is not None else "sdpa"  # compiled decode: position known on device only
-    if impl == "triton":
+    if key_mask is not None:
+        if mask is not None:
+            raise ValueError("give the prefix-LM mask or a key mask, not both")
+        allowed = key_mask.bool()[:, None, None, :]                          # (B, 1, 1, S)
+        impl = "reference" if impl == "reference" or softcap is not None else "sdpa"
+    elif impl == "triton":
         from .kernels import flash_attention
         if mask is None:
             mask = PrefixLMMask.full(q.shape[0], S, q.device)
         return flash_attention(q, k, v, mask.start, mask.prefix_end, scale=scale, softcap=softcap,
                                window=window, q_start=q_start)
-    allowed = None if mask is None else mask.allowed(q_start, T, S, window)
+    else:
+        allowed = None if mask is None else mask.allowed(q_start, T, S, window)
     if impl == "sdpa":
         if softcap is not None:
             raise ValueError("attn_impl='sdpa' cannot apply Gemma 2's attention soft-cap; use 'reference' or 'triton'")

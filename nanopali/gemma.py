@@ -104,17 +104,21 @@ class Attention(nn.Module):
         self.v = nn.Linear(D, K * H, bias=False)
         self.o = nn.Linear(N * H, D, bias=False)
 
-    def forward(self, x, mask: PrefixLMMask, positions, cache=None, q_start: int = 0, attn_impl: str = "auto"):
+    def forward(self, x, mask: PrefixLMMask, positions, cache=None, pos=None, attn_impl: str = "auto"):
+        """x (B, T, D). pos None: the queries are the whole sequence (a cache, if given, is filled from
+        slot 0: the prefill); pos a 0-d tensor: one decode step at that cache slot, over all slots."""
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q(x).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)       # (B, N, T, H)
         k = self.k(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # (B, K, T, H)
         v = self.v(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # (B, K, T, H)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v, q_start)                          # (B, K, S, H)
+        if cache is not None and pos is None:
+            k, v = cache.prefill(self.layer, k, v)                                   # (B, K, T, H)
+        elif cache is not None:
+            k, v = cache.update(self.layer, k, v, pos)                               # (B, K, S, H)
         o = attention(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap,
-                      window=cfg.window(self.layer), q_start=q_start, impl=attn_impl)
+                      window=cfg.window(self.layer), q_start=0 if pos is None else pos, impl=attn_impl)
         return self.o(o.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -142,8 +146,8 @@ class DecoderLayer(nn.Module):
         self.mlp = GeGLU(cfg)
         self.post_ffw_norm = RMSNorm(D, eps) if cfg.post_norms else nn.Identity()
 
-    def forward(self, x, mask, positions, cache=None, q_start=0, attn_impl="auto"):
-        x = x + self.post_attn_norm(self.attn(self.pre_attn_norm(x), mask, positions, cache, q_start, attn_impl))
+    def forward(self, x, mask, positions, cache=None, pos=None, attn_impl="auto"):
+        x = x + self.post_attn_norm(self.attn(self.pre_attn_norm(x), mask, positions, cache, pos, attn_impl))
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
 
 
@@ -163,14 +167,14 @@ class Gemma(nn.Module):
         x = self.embed(ids)
         return x * torch.tensor(self.cfg.width ** 0.5, dtype=x.dtype)
 
-    def forward(self, x, mask: PrefixLMMask, positions, cache=None, q_start: int = 0) -> torch.Tensor:
-        """x (B, T, D) embeddings → final-normed hidden states (B, T, D)."""
+    def forward(self, x, mask: PrefixLMMask, positions, cache=None, pos=None) -> torch.Tensor:
+        """x (B, T, D) embeddings → final-normed hidden states (B, T, D); cache and pos as in Attention."""
         for block in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, positions, None, q_start, self.attn_impl,
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, positions, None, None, self.attn_impl,
                                                       use_reentrant=False)
             else:
-                x = block(x, mask, positions, cache, q_start, self.attn_impl)
+                x = block(x, mask, positions, cache, pos, self.attn_impl)
         return self.final_norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,11 @@
 
 prefill:  the whole prompt [pads | image | BOS prompt \\n] runs once (SigLIP included) and fills the
           cache slots 0..T-1; the logits of the last slot give the first new token.
-decode:   each step embeds one token per row, writes its K/V at slot T+t, attends to slots 0..T+t
-          under the same prefix-LM mask (a generated token is a causal suffix token), and computes
-          the 257k-wide LM head for that one position only.
+decode:   each step embeds one token per row, writes its K/V at slot T+t, attends to the cache under
+          the same prefix-LM mask (a generated token is a causal suffix token), and computes the
+          257k-wide LM head for that one position only (PaliGemma.prefill / decode_step).
 Rows are left-padded, so every row writes at the same slot and the step has fixed shapes.
-Positions continue per row from its own first real token (transformers: cumsum(attention_mask)).
+Positions continue per row from its own first real token (masking.PrefixLMMask.positions_at).
 Sampling: temperature, then top-k, then top-p (transformers' warper order), seeded generator.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import warnings
 
 import torch
 
-from .kv_cache import StaticKVCache
 from .model import PaliGemma
 from .processing import InputError, Processor
 
@@ -52,24 +51,22 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p):
         raise InputError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def decode_step(lm, tok, pos, q_start, cache, mask):
-    """One token per row: (B,) ids at cache slot q_start → next-token logits (B, V)."""
-    h = lm(lm.embed_tokens(tok[:, None]), mask, pos, cache=cache, q_start=q_start)   # (B, 1, D)
-    return lm.logits(h[:, -1])
+def _step(model: PaliGemma, tokens, pos, cache, mask):
+    return model.decode_step(tokens, pos, cache, mask)
 
 
 _COMPILED = {}
 
 
 def _compiled_step(device: torch.device):
-    """torch.compile'd decode_step, built once per device type; eager decode_step if compile is unavailable."""
+    """torch.compile'd decode step, built once per device type; the eager step if compile is unavailable."""
     if device.type not in _COMPILED:
         try:
             mode = "reduce-overhead" if device.type == "cuda" else None
-            _COMPILED[device.type] = torch.compile(decode_step, mode=mode, dynamic=False)
+            _COMPILED[device.type] = torch.compile(_step, mode=mode, dynamic=False)
         except Exception as e:  # noqa: BLE001 - any backend failure means: run eager
             warnings.warn(f"torch.compile unavailable ({e}); decoding eagerly")
-            _COMPILED[device.type] = decode_step
+            _COMPILED[device.type] = _step
     return _COMPILED[device.type]
 
 
@@ -80,31 +77,28 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
     """New token ids per row, each ending at (and including) its first EOS if one came.
 
     stop_at_eos=False decodes exactly max_new_tokens for every row (benchmarks). compile=True runs the
-    decode step through torch.compile with the cache index as a tensor, so every step is one graph
-    (CUDA graphs with mode "reduce-overhead" on GPU); falls back to eager where compile fails."""
+    decode step through torch.compile (CUDA graphs with mode "reduce-overhead" on GPU); eager and
+    compiled steps are the same function of tensors, the slot `pos` included; falls back to eager
+    where compile fails."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    lm, cfg = model.language_model, model.cfg
-    dev = model.projector.linear.weight.device
+    cfg, dev = model.cfg, model.device
     batch = {k: v.to(dev) for k, v in batch.items()}
-    ids = batch["input_ids"]
-    B, T = ids.shape
+    B, T = batch["input_ids"].shape
     max_len = max_len or T + max_new_tokens
     if T + max_new_tokens > max_len:
         raise InputError(f"The prompt is {T} tokens and {max_new_tokens} new tokens were asked for, "
                          f"but the cache holds {max_len}")
-    dtype = lm.embed.weight.dtype
-    cache = StaticKVCache(cfg.text.depth, B, cfg.text.num_kv_heads, max_len, cfg.text.head_dim, dtype, dev)
-    step = _compiled_step(dev) if compile else None
+    cache = model.new_cache(B, max_len)
+    step = _compiled_step(dev) if compile else _step
     generator = None
     if seed is not None:
         generator = torch.Generator(device=dev).manual_seed(seed)
 
-    h, mask = model.hidden_states(ids, batch.get("pixel_values"), batch.get("attention_mask"),
-                                  batch.get("token_type_ids"), cache=cache)
-    logits = lm.logits(h[:, -1])                                                    # (B, V)
-    mask = mask.extend(max_len - T)
+    logits, mask = model.prefill(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
+                                 batch.get("token_type_ids"), cache=cache)                 # (B, V)
     out = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    pos = torch.tensor(T, device=dev)                                               # the next token's slot
     steps = max_new_tokens
     for t in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_k, top_p, generator)
@@ -115,11 +109,10 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
         if bool(done.all()) or t == max_new_tokens - 1:
             steps = t + 1
             break
-        pos = (T + t - mask.start + cfg.position_base)[:, None]                    # (B, 1)
-        if step is None:
-            logits = decode_step(lm, tok, pos, T + t, cache, mask)
-        else:
-            logits = step(lm, tok, pos, torch.tensor(T + t, device=dev), cache, mask).clone()
+        logits = step(model, tok, pos, cache, mask)
+        if compile:
+            logits = logits.clone()  # CUDA graphs reuse their output buffer at the next step
+        pos += 1
     rows = []
     for row in out[:, :steps].tolist():
         rows.append(row[: row.index(cfg.eos_token_id) + 1] if stop_at_eos and cfg.eos_token_id in row else row)

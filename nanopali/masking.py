@@ -75,10 +75,10 @@ class PrefixLMMask:
                 window: int | None = None) -> torch.Tensor:
         """Boolean (B, 1, T, S) mask: may query at absolute index q_start + t read key s?
 
-        q_start/q_len select the queries (a decode step is q_start = cache index, q_len = 1);
+        q_start/q_len select the queries (a decode step is q_start = its cache slot, q_len = 1);
         kv_len is the number of keys (a static cache may hold more slots than are filled).
-        q_start may be a 0-d tensor (compiled decode: one graph for every step); then nothing
-        is memoised, as the value is only known on the device."""
+        q_start is an int, or a 0-d tensor: a decode step's slot, kept on the device so that one
+        compiled step serves every position. Masks for an int are memoised (every layer asks)."""
         q_len = self.length - q_start if q_len is None else q_len
         kv_len = self.length if kv_len is None else kv_len
         if isinstance(q_start, torch.Tensor):
@@ -102,12 +102,17 @@ class PrefixLMMask:
         return ((real & (both_prefix | causal)) | (i == j))[:, None]             # (B, 1, T, S)
 
     def positions(self, base: int = 1) -> torch.Tensor:
-        """RoPE position of every token, (B, T): 0 or 1 for the first real token (see `base`).
+        """RoPE position of every token, (B, T): 0 or 1 for the first real token (see `base`)."""
+        return self.positions_at(torch.arange(self.length, device=self.start.device), base)
 
-        transformers counts from 1 (cumsum(attention_mask) in generate, then +1); big_vision from 0.
-        RoPE is relative, so the base only changes rounding; pads get `base` (they are never read)."""
-        t = torch.arange(self.length, device=self.start.device)[None]
-        return (t - self.start[:, None]).clamp(min=0) + base
+    def positions_at(self, index: torch.Tensor, base: int = 1) -> torch.Tensor:
+        """RoPE positions (B, len(index)) of the tokens at these absolute indices (a decode step: its slot).
+
+        The one position rule: a token's position counts the real tokens of its row before it, so left
+        pads shift nothing. transformers counts from 1 (cumsum(attention_mask) in generate, then +1);
+        big_vision from 0. RoPE is relative, so the base only changes rounding; pads get `base` (they
+        are never read)."""
+        return (index.reshape(1, -1) - self.start[:, None]).clamp(min=0) + base
 
     def loss_mask(self) -> torch.Tensor:
         """(B, T) bool: tokens that are targets of the loss (suffix + EOS; never image/prefix/pads).

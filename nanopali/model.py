@@ -16,6 +16,7 @@ import torch.nn as nn
 from .attention import log_choice, resolve_impl
 from .config import PaliGemmaConfig
 from .gemma import Gemma
+from .kv_cache import StaticKVCache
 from .masking import PrefixLMMask
 from .projector import Projector
 from .vit import SigLIPEncoder
@@ -32,17 +33,25 @@ class PaliGemma(nn.Module):
         self.language_model = Gemma(cfg.text)
 
     @property
+    def device(self) -> torch.device:
+        return self.language_model.final_norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the norms' weights, which quantization never touches)."""
+        return self.language_model.final_norm.weight.dtype
+
+    @property
     def attn_impl(self) -> str:
         """The attention implementation the decoder runs on its device ("auto" resolved)."""
-        return resolve_impl(self.language_model.attn_impl, self.projector.linear.weight.device, self.cfg.text.attn_softcap)
+        return resolve_impl(self.language_model.attn_impl, self.device, self.cfg.text.attn_softcap)
 
     @attn_impl.setter
     def attn_impl(self, impl: str) -> None:
         resolve_impl(impl, torch.device("cpu"), None)  # validates the name
         self.vision_tower.attn_impl = self.language_model.attn_impl = impl
-        device = self.projector.linear.weight.device
-        if device.type != "meta":
-            log_choice(impl, device, self.cfg.text.attn_softcap)
+        if self.device.type != "meta":
+            log_choice(impl, self.device, self.cfg.text.attn_softcap)
 
     def set_gradient_checkpointing(self, on: bool = True) -> None:
         self.vision_tower.gradient_checkpointing = self.language_model.gradient_checkpointing = on
@@ -74,8 +83,37 @@ class PaliGemma(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         mask = PrefixLMMask.from_batch(attention_mask, token_type_ids)
         x = self.embed(input_ids, pixel_values)
-        h = self.language_model(x, mask, mask.positions(self.cfg.position_base), cache=cache, q_start=0)
+        h = self.language_model(x, mask, mask.positions(self.cfg.position_base), cache=cache)
         return h, mask
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The tied LM head (with Gemma 2's final soft-cap) at the hidden states given: (..., D) → (..., V).
+        Callers pass only the positions they need (the last one in decoding, the targets in training)."""
+        return self.language_model.logits(h)
+
+    # ---- generation: a static cache, one prefill, then one token per step (generate.py drives these) ----
+
+    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        t = self.cfg.text
+        return StaticKVCache(t.depth, batch, t.num_kv_heads, max_len, t.head_dim, self.dtype, self.device)
+
+    def prefill(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, *,
+                cache: StaticKVCache) -> tuple[torch.Tensor, PrefixLMMask]:
+        """Run the whole prompt once, filling cache slots 0..T-1: next-token logits (B, V) and the mask,
+        extended to the cache's length (a generated token is a causal suffix token)."""
+        h, mask = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids, cache=cache)
+        return self.logits(h[:, -1]), mask.extend(cache.max_len - mask.length)
+
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache,
+                    mask: PrefixLMMask) -> torch.Tensor:
+        """One token per row, (B,) ids at cache slot `pos` (a 0-d tensor) → next-token logits (B, V).
+
+        Everything is a tensor on the device and every shape is fixed, so this one function serves every
+        step, eager or compiled (torch.compile / CUDA graphs)."""
+        positions = mask.positions_at(pos[None], self.cfg.position_base)                  # (B, 1)
+        x = self.language_model.embed_tokens(tokens[:, None])                             # (B, 1, D)
+        h = self.language_model(x, mask, positions, cache=cache, pos=pos)
+        return self.logits(h[:, -1])
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """Logits (B, T_text, V) at the text positions (every position that is not an image token).
@@ -88,10 +126,10 @@ class PaliGemma(nn.Module):
         T_text = int(counts.max())
         if bool((counts == T_text).all()):
             h = h[is_text].view(h.shape[0], T_text, h.shape[-1])                      # (B, T_text, D)
-            return self.language_model.logits(h)
+            return self.logits(h)
         # Rows with more images have fewer text positions: right-align each row's text positions
         # (as its tokens are) and fill the front with zeros, like the pads of the input.
-        logits = self.language_model.logits(h[is_text])                              # (sum T_text, V)
+        logits = self.logits(h[is_text])                              # (sum T_text, V)
         out = logits.new_zeros(h.shape[0], T_text, logits.shape[-1])
         col = torch.cumsum(is_text, 1) - 1 + (T_text - counts)[:, None]               # (B, T)
         out[torch.nonzero(is_text, as_tuple=True)[0], col[is_text]] = logits

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, reference_attention, resolve_impl, sdpa_attention
+from .attention import attention
 
 # Letters: B batch, P patches (image tokens), W width, N heads, H head dim.
 
@@ -53,13 +53,7 @@ class SelfAttention(nn.Module):
         B, P, W = x.shape
         q, k, v = (proj(x).view(B, P, self.num_heads, self.head_dim).transpose(1, 2)  # (B, N, P, H)
                    for proj in (self.q, self.k, self.v))
-        scale = self.head_dim ** -0.5
-        if key_mask is None:
-            o = attention(q, k, v, None, scale=scale, impl=attn_impl)               # full attention
-        else:  # right pads are not a prefix-LM layout, so the dense mask goes to the unfused paths
-            allowed = key_mask.bool()[:, None, None, :]                              # (B, 1, 1, P)
-            impl = resolve_impl(attn_impl, q.device, None)
-            o = (reference_attention if impl == "reference" else sdpa_attention)(q, k, v, allowed, scale)
+        o = attention(q, k, v, key_mask=key_mask, scale=self.head_dim ** -0.5, impl=attn_impl)  # (B, N, P, H)
         return self.o(o.transpose(1, 2).reshape(B, P, W))
 
 

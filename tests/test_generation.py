@@ -54,7 +54,6 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(ckpt):
     imgs = _images(2, seed=2)
     batch = proc(imgs, PROMPTS[:2])
     new = generate_ids(model, batch, max_new_tokens=6)
-    lm = model.language_model
     # Re-run from scratch with the generated tokens as a suffix (causal, exactly how they were decoded)
     # and compare the next-token logits at every generated position.
     n = min(len(r) for r in new)
@@ -64,26 +63,25 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(ckpt):
     tt = torch.cat([batch["token_type_ids"], torch.ones_like(suffix_ids)], 1)
     with torch.no_grad():
         h, _ = model.hidden_states(ids, batch["pixel_values"], am, tt)
-        full = lm.logits(h[:, batch["input_ids"].shape[1] - 1:-1])             # (B, n, V)
+        full = model.logits(h[:, batch["input_ids"].shape[1] - 1:-1])          # (B, n, V)
         stepwise = _stepwise_logits(model, batch, suffix_ids)
     assert (full - stepwise).abs().max().item() < 1e-5
 
 
-def _stepwise_logits(model, batch, suffix_ids):
-    from nanopali.kv_cache import StaticKVCache
-
-    cfg, lm = model.cfg, model.language_model
+def _stepwise_logits(model, batch, suffix_ids, cache_len=None, garbage=False):
+    """Next-token logits (B, n, V) of prefill + one decode step per suffix token, through the cache."""
     B, T = batch["input_ids"].shape
     n = suffix_ids.shape[1]
-    cache = StaticKVCache(cfg.text.depth, B, cfg.text.num_kv_heads, T + n, cfg.text.head_dim, torch.float32, "cpu")
-    h, mask = model.hidden_states(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                  batch["token_type_ids"], cache=cache)
-    mask = mask.extend(n)
-    out = [lm.logits(h[:, -1])]
+    cache = model.new_cache(B, cache_len or T + n)
+    if garbage:  # slots a step has not written yet must be invisible to it, whatever they hold
+        g = torch.Generator().manual_seed(0)
+        cache.k.copy_(torch.randn(cache.k.shape, generator=g) * 100)
+        cache.v.copy_(torch.randn(cache.v.shape, generator=g) * 100)
+    logits, mask = model.prefill(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                 batch["token_type_ids"], cache=cache)
+    out = [logits]
     for t in range(n - 1):
-        pos = (T + t - mask.start + cfg.position_base)[:, None]
-        h = lm(lm.embed_tokens(suffix_ids[:, t:t + 1]), mask, pos, cache=cache, q_start=T + t)
-        out.append(lm.logits(h[:, -1]))
+        out.append(model.decode_step(suffix_ids[:, t], torch.tensor(T + t), cache, mask))
     return torch.stack(out, 1)
 
 
@@ -145,28 +143,14 @@ def test_a_prompt_longer_than_the_cache_names_the_limit(ckpt):
         generate_ids(model, batch, max_new_tokens=4, max_len=8)
 
 
-def test_static_shape_decode_step_equals_the_sliced_cache_step(ckpt):
-    """The step torch.compile runs (cache index as a tensor, attention over every slot, unfilled slots
-    masked) gives the logits of the eager step (attention over the filled slots only)."""
-    from nanopali.generate import decode_step
-    from nanopali.kv_cache import StaticKVCache
-
+def test_the_decode_step_ignores_cache_slots_it_has_not_written(ckpt):
+    """The one decode step (slot as a tensor, attention over every slot of a fixed-size cache, the
+    mask hiding unwritten ones) gives the same logits in an exact-size cache and in a 20-slot-longer
+    one whose unwritten slots hold large random values."""
     model, proc, *_ = ckpt
-    cfg, lm = model.cfg, model.language_model
     batch = proc(_images(2), PROMPTS[:2])
-    B, T = batch["input_ids"].shape
-    outs = []
-    for as_tensor in (False, True):
-        cache = StaticKVCache(cfg.text.depth, B, cfg.text.num_kv_heads, T + 4, cfg.text.head_dim, torch.float32, "cpu")
-        with torch.no_grad():
-            h, mask = model.hidden_states(**batch, cache=cache)
-            mask = mask.extend(4)
-            tok = lm.logits(h[:, -1]).argmax(-1)
-            logits = []
-            for t in range(3):
-                pos = (T + t - mask.start + cfg.position_base)[:, None]
-                q = torch.tensor(T + t) if as_tensor else T + t
-                logits.append(decode_step(lm, tok, pos, q, cache, mask))
-                tok = logits[-1].argmax(-1)
-        outs.append(torch.stack(logits))
-    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+    with torch.no_grad():
+        suffix = torch.tensor([r[:4] for r in generate_ids(model, batch, 4, stop_at_eos=False)])
+        exact = _stepwise_logits(model, batch, suffix)
+        longer = _stepwise_logits(model, batch, suffix, cache_len=batch["input_ids"].shape[1] + 20, garbage=True)
+    assert (exact - longer).abs().max().item() < 1e-5

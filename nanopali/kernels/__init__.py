@@ -75,23 +75,27 @@ def _checked(q, k, v, start, prefix_end, window, q_start):
     if start.shape != (B,) or prefix_end.shape != (B,):
         raise ValueError(f"start and prefix_end must have shape ({B},); got {tuple(start.shape)}, "
                          f"{tuple(prefix_end.shape)}")
-    if q_start < 0 or q_start + T > k.shape[2]:
+    if isinstance(q_start, torch.Tensor):  # a decode step's position, on the device: checked by its caller
+        if q_start.numel() != 1:
+            raise ValueError(f"q_start must be an int or a 0-d tensor, got shape {tuple(q_start.shape)}")
+    elif q_start < 0 or q_start + T > k.shape[2]:
         raise ValueError(f"queries at indices {q_start}..{q_start + T - 1} need their own keys, "
                          f"but k holds {k.shape[2]}")
     if window is not None and window < 1:
         raise ValueError(f"window must be None or ≥ 1, got {window}")
     # The kernels index with contiguous strides: a no-op for a KV cache, a small copy for a transposed q.
-    return (q.contiguous(), k.contiguous(), v.contiguous(),
-            start.to(q.device, torch.int64).contiguous(), prefix_end.to(q.device, torch.int64).contiguous())
+    return (q.contiguous(), k.contiguous(), v.contiguous(), start.to(q.device, torch.int64).contiguous(),
+            prefix_end.to(q.device, torch.int64).contiguous(), q_start)
 
 
 def flash_attention(q, k, v, start, prefix_end, *, scale: float, softcap: float | None = None,
-                    window: int | None = None, q_start: int = 0):
+                    window: int | None = None, q_start=0):
     """Exact attention of queries at absolute indices q_start.. over keys 0..S-1 under the prefix-LM rule.
 
+    q_start: an int, or a 0-d int64 tensor (a compiled decode step's position, which only the device knows).
     q (B, N, T, H), k/v (B, K, S, H), start/prefix_end (B,) → (B, N, T, H) in q's dtype; differentiable
     in q, k, v. Few queries (decode) go to the split-K kernel, everything else to the tiled one."""
-    q, k, v, start, prefix_end = _checked(q, k, v, start, prefix_end, window, q_start)
+    q, k, v, start, prefix_end, q_start = _checked(q, k, v, start, prefix_end, window, q_start)
     T, G = q.shape[2], q.shape[1] // k.shape[1]
     splits = None
     if T <= MAX_DECODE_QUERIES and G * T <= 64 and k.shape[2] > T:
@@ -100,10 +104,10 @@ def flash_attention(q, k, v, start, prefix_end, *, scale: float, softcap: float 
 
 
 def flash_decode(q, k, v, start, prefix_end, *, scale: float, softcap: float | None = None,
-                 window: int | None = None, q_start: int = 0, num_splits: int | None = None):
+                 window: int | None = None, q_start=0, num_splits: int | None = None):
     """flash_attention through the split-K decode kernel, whatever T is (G·T ≤ 128 rows per K/V head);
     num_splits chunks of keys (default: enough to fill the GPU)."""
-    q, k, v, start, prefix_end = _checked(q, k, v, start, prefix_end, window, q_start)
+    q, k, v, start, prefix_end, q_start = _checked(q, k, v, start, prefix_end, window, q_start)
     if q.shape[1] // k.shape[1] * q.shape[2] > 128:
         raise ValueError(f"flash_decode stacks G·T = {q.shape[1] // k.shape[1] * q.shape[2]} query rows "
                          "in one tile; use at most 128, or flash_attention")

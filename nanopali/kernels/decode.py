@@ -20,10 +20,11 @@ from .flash import LOG2E, _fwd_tiles, _key_tiles, _load_rows, _row_mask, kernel_
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, M_PART, L_PART, ACC_PART, START, PREFIX_END, scale, softcap, window, q_start,
+def _decode_kernel(Q, K, V, M_PART, L_PART, ACC_PART, START, PREFIX_END, scale, softcap, window, Q_START,
                    KV_HEADS, T, S, H, CHUNK, SPLITS, G: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr,
                    PRECISION: tl.constexpr):
+    q_start = tl.load(Q_START).to(tl.int32)
     split, bk = tl.program_id(0), tl.program_id(1)         # grid (C, B * K)
     start, pe = _row_mask(START, PREFIX_END, bk // KV_HEADS)
     head = bk.to(tl.int64)                                 # int64 head offsets, as in flash.py

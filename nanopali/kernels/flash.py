@@ -137,9 +137,10 @@ def _fwd_tiles(acc, l, m, q, i, K, V, lo, hi, start, pe, window, S, d, H, scale,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, START, PREFIX_END, scale, softcap, window, q_start, N, T, S, H,
+def _fwd_kernel(Q, K, V, O, LSE, START, PREFIX_END, scale, softcap, window, Q_START, N, T, S, H,
                 G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    q_start = tl.load(Q_START).to(tl.int32)                # on the device: one graph serves every step
     pid_m, bn = tl.program_id(0), tl.program_id(1)         # grid (cdiv(T, BLOCK_M), B * N)
     start, pe = _row_mask(START, PREFIX_END, bn // N)
     head = bn.to(tl.int64)
@@ -197,9 +198,10 @@ def _dkdv_tiles(dk, dv, k, v, j, Q, DO, LSE, DELTA, lo, hi, q_start, T, start, p
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, START, PREFIX_END, scale, softcap, window, q_start,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, START, PREFIX_END, scale, softcap, window, Q_START,
                      KV_HEADS, T, S, H, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    q_start = tl.load(Q_START).to(tl.int32)                # on the device: one graph serves every step
     pid_n, bk = tl.program_id(0), tl.program_id(1)         # grid (cdiv(S, BLOCK_N), B * K)
     start, pe = _row_mask(START, PREFIX_END, bk // KV_HEADS)
     head = bk.to(tl.int64)
@@ -254,9 +256,10 @@ def _dq_tiles(dq, q, do, lse, delta, i, K, V, lo, hi, start, pe, window, S, d, H
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softcap, window, q_start, N, T, S, H,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softcap, window, Q_START, N, T, S, H,
                    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                    SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    q_start = tl.load(Q_START).to(tl.int32)                # on the device: one graph serves every step
     pid_m, bn = tl.program_id(0), tl.program_id(1)         # grid (cdiv(T, BLOCK_M), B * N)
     start, pe = _row_mask(START, PREFIX_END, bn // N)
     head = bn.to(tl.int64)
@@ -305,14 +308,16 @@ def tile_config(kernel: str, H: int, dtype: torch.dtype):
 
 
 def kernel_args(q, k, window, q_start):
-    """Arguments every kernel takes: shapes, the window as an int (None: longer than any row), and
-    how tiles are multiplied. fp32 uses full fp32 products ("ieee", not TF32) to stay within 1e-5 of
+    """Arguments every kernel takes: shapes, the window as an int (None: S, longer than any row, as
+    i - j ≤ S - 1), the queries' first index (an int or a 0-d tensor) as one int64 on q's device,
+    which the kernels read from memory, so a compiled decode step never bakes it in,, and how tiles are multiplied. fp32 uses full fp32 products ("ieee", not TF32) to stay within 1e-5 of
     the reference; bf16 is multiplied as fp32 in the interpreter, whose bf16 dot multiplies raw bits."""
     B, N, T, H = q.shape
+    q_start = torch.as_tensor(q_start, dtype=torch.int64, device=q.device).reshape(())
     dot = {torch.float16: tl.float16, torch.float32: tl.float32,
            torch.bfloat16: tl.float32 if INTERPRETED else tl.bfloat16}[q.dtype]
     return dict(T=T, S=k.shape[2], H=H, G=N // k.shape[1], BLOCK_H=max(16, triton.next_power_of_2(H)),
-                window=q_start + T if window is None else window, q_start=q_start,
+                window=k.shape[2] if window is None else window, Q_START=q_start,
                 DOT=dot, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 

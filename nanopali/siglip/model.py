@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import reference_attention, resolve_impl, sdpa_attention
+from ..attention import attention, resolve_impl
 from ..vit import MLP, EncoderBlock, SigLIPConfig, SigLIPEncoder
 from .naflex import NaFlexViT
 
@@ -101,9 +101,8 @@ class MAPHead(nn.Module):
         q = F.linear(self.probe.expand(I, 1, W), wq, bq).view(I, 1, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = (F.linear(x, w, b).view(I, P, self.num_heads, self.head_dim).transpose(1, 2)   # (I, N, P, H)
                 for w, b in ((wk, bk), (wv, bv)))
-        allowed = None if key_mask is None else key_mask.bool()[:, None, None, :]          # (I, 1, 1, P)
-        attend = reference_attention if resolve_impl(attn_impl, x.device, None) == "reference" else sdpa_attention
-        h = self.o(attend(q, k, v, allowed, self.head_dim ** -0.5).transpose(1, 2).reshape(I, 1, W))
+        o = attention(q, k, v, key_mask=key_mask, scale=self.head_dim ** -0.5, impl=attn_impl)  # (I, N, 1, H)
+        h = self.o(o.transpose(1, 2).reshape(I, 1, W))
         return (h + self.mlp(self.norm(h)))[:, 0]
 
 

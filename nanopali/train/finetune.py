@@ -129,7 +129,7 @@ def loss_terms(model: nn.Module, batch: dict, normalization: str = "tokens") -> 
     ids = batch["input_ids"]
     h, mask = model.hidden_states(ids, batch.get("pixel_values"), batch["attention_mask"], batch["token_type_ids"])
     sel = mask.loss_mask()[:, 1:]                                                  # (B, T-1)
-    logits = model.language_model.logits(h[:, :-1][sel]).float()                  # (M, V)
+    logits = model.logits(h[:, :-1][sel]).float()                                  # (M, V)
     ce = F.cross_entropy(logits, ids[:, 1:][sel], reduction="none")                # (M,)
     if normalization == "tokens":
         return ce.sum(), sel.sum()
