@@ -69,7 +69,7 @@ def resolve_impl(impl: str, device: torch.device, softcap: float | None) -> str:
     return "reference" if softcap is not None else "sdpa"
 
 
-_LOGGED: set[str] = set()
+LOGGED_CHOICES: set[str] = set()
 
 
 def log_choice(impl: str, device: torch.device, softcap: float | None) -> str:
@@ -77,8 +77,8 @@ def log_choice(impl: str, device: torch.device, softcap: float | None) -> str:
     chosen = resolve_impl(impl, device, softcap)
     msg = f"attention: attn_impl={impl!r} runs {chosen!r} on {device.type}" + (
         " (soft-capped: SDPA cannot)" if softcap is not None and impl == "auto" and chosen == "reference" else "")
-    if msg not in _LOGGED:
-        _LOGGED.add(msg)
+    if msg not in LOGGED_CHOICES:
+        LOGGED_CHOICES.add(msg)
         logging.getLogger("nanopali").info(msg)
     return chosen
 

@@ -4,7 +4,7 @@ import logging
 import pytest
 
 import nanopali
-from nanopali.attention import _LOGGED
+from nanopali.attention import LOGGED_CHOICES
 
 
 @pytest.mark.parametrize("name, want", [("pg1", "sdpa"), ("pg2", "reference")])
@@ -14,7 +14,7 @@ def test_auto_on_cpu_is_sdpa_without_soft_cap_and_the_reference_with_it(hf_check
 
 
 def test_the_choice_is_logged_once_per_distinct_choice(hf_checkpoint, caplog):
-    _LOGGED.clear()
+    LOGGED_CHOICES.clear()
     with caplog.at_level(logging.INFO, logger="nanopali"):
         for _ in range(3):
             nanopali.load(hf_checkpoint("pg2"))

@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the fuse
 import triton.language as tl  # noqa: E402
 
 from nanopali import kernels  # noqa: E402
-from nanopali.kernels.flash import _key_tiles, _query_tiles, _row_mask, flash_forward  # noqa: E402
+from nanopali.kernels.flash import key_tiles, query_tiles, row_mask, flash_forward  # noqa: E402
 from nanopali.kernels.decode import decode_forward  # noqa: E402
 from nanopali.attention import attention, reference_attention, resolve_impl  # noqa: E402
 from nanopali.masking import PrefixLMMask  # noqa: E402
@@ -73,16 +73,16 @@ def _tile_ranges_kernel(KEY_RANGES, QUERY_RANGES, START, PREFIX_END, window, q_s
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Stores the kernels' tile ranges: per query tile its key ranges, per key tile its query ranges."""
     tile, b = tl.program_id(0), tl.program_id(1)              # grid (max(#query tiles, #key tiles), B)
-    start, pe = _row_mask(START, PREFIX_END, b)
+    start, pe = row_mask(START, PREFIX_END, b)
     if tile * BLOCK_M < T:
         i_lo = q_start + tile * BLOCK_M
-        r0, r1, r2, r3 = _key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, q_start + T) - 1, start, pe, window, S,
+        r0, r1, r2, r3 = key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, q_start + T) - 1, start, pe, window, S,
                                     BLOCK_N)
         out = KEY_RANGES + (b * tl.cdiv(T, BLOCK_M) + tile) * 4
         tl.store(out, r0), tl.store(out + 1, r1), tl.store(out + 2, r2), tl.store(out + 3, r3)
     if tile * BLOCK_N < S:
         j_lo = tile * BLOCK_N
-        r0, r1, r2, r3 = _query_tiles(j_lo, tl.minimum(j_lo + BLOCK_N, S) - 1, start, pe, window, q_start, T,
+        r0, r1, r2, r3 = query_tiles(j_lo, tl.minimum(j_lo + BLOCK_N, S) - 1, start, pe, window, q_start, T,
                                       BLOCK_M)
         out = QUERY_RANGES + (b * tl.cdiv(S, BLOCK_N) + tile) * 4
         tl.store(out, r0), tl.store(out + 1, r1), tl.store(out + 2, r2), tl.store(out + 3, r3)

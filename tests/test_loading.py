@@ -188,6 +188,29 @@ def test_lm_head_different_from_the_embedding_is_rejected_by_name(hf_checkpoint,
         nanopali.load(d)
 
 
+def test_integer_weights_are_refused_by_name_not_converted(hf_checkpoint, tmp_path):
+    state = read_weights(hf_checkpoint("pg2"))
+    key = "language_model.model.layers.0.mlp.up_proj.weight"
+    state[key] = state[key].round().to(torch.int32)
+    with pytest.raises(nanopali.CheckpointError, match=key + ": expected a float tensor, found torch.int32"):
+        nanopali.load(_copy_with_weights(hf_checkpoint("pg2"), tmp_path / "ckpt", state))
+
+
+def test_weights_read_without_a_copy_never_write_back_to_the_file(hf_checkpoint, tmp_path):
+    """Loaded in the file's own dtype on the CPU, parameters are views of the mapped file; changing
+    them in place (training) changes a private copy, never the checkpoint."""
+    d = _copy_with_weights(hf_checkpoint("pg2"), tmp_path / "ckpt", read_weights(hf_checkpoint("pg2")))
+    model, _ = nanopali.load(d)
+    before = read_weights(d)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    after = read_weights(d)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    again, _ = nanopali.load(d)
+    assert torch.equal(again.projector.linear.weight + 1.0, model.projector.linear.weight)
+
+
 # ---- dtypes ----
 
 def _logits(model, processor, test_images):

@@ -2,9 +2,10 @@
 
 safetensors is an 8-byte header length, a JSON table {name: {dtype, shape, data_offsets}} and the raw
 bytes. nanopali reads it itself (the `safetensors` package still writes): every tensor is validated
-against the file's size before anything is read, and read with plain file reads straight into its
-destination, converting dtype in 64 MiB pieces, so a load never holds a second full copy nor has the
-file's pages mapped into the process (which would count against its memory).
+against the file's size before anything is read. A tensor wanted on the CPU in the file's own dtype is
+a view of the memory-mapped file (`mapped_tensor`: no copy, loading takes as long as reading the
+header); any other is read with plain file reads straight into its destination, converting dtype in
+64 MiB pieces, so a load never holds a second full copy nor maps pages it only converts.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is; the message names the file and the tensors."""
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
 
@@ -47,12 +48,12 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
             dtype, shape, (b, e) = t["dtype"], [int(d) for d in t["shape"]], t["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path} is corrupt: tensor {name} has no valid dtype/shape/data_offsets") from None
-        if dtype not in _ST_DTYPES:
+        if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         if not 0 <= b <= e or 8 + n + e > size:
             raise CheckpointError(f"{path} is truncated or corrupt: tensor {name} spans bytes {b}..{e} of the "
                                   f"data, but the file has {size - 8 - n}")
-        if e - b != math.prod(shape) * _ST_DTYPES[dtype].itemsize:
+        if e - b != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
             raise CheckpointError(f"{path} is corrupt: tensor {name} is {dtype}{shape} but spans {e - b} bytes")
     return table, 8 + n
 
@@ -65,7 +66,7 @@ def read_tensor(f, info: dict, data_start: int, dtype: torch.dtype | None = None
 
     The file is read in 64 MiB pieces straight into the destination, so loading never holds a second
     full-size copy of a tensor (the fp32 embedding of a 3B model is 2.1 GB; in bf16 it becomes 1.05)."""
-    src = _ST_DTYPES[info["dtype"]]
+    src = SAFETENSORS_DTYPES[info["dtype"]]
     out = torch.empty(info["shape"], dtype=dtype or src, device=device)
     f.seek(data_start + info["data_offsets"][0])
     if out.dtype == src and out.device.type == "cpu":
@@ -79,6 +80,17 @@ def read_tensor(f, info: dict, data_start: int, dtype: torch.dtype | None = None
         f.readinto(buf.numpy())
         flat[i:i + m].copy_(buf.view(src))
     return out
+
+
+def mapped_tensor(mapped, info: dict, data_start: int) -> torch.Tensor:
+    """One tensor of a memory-mapped safetensors file as a view of the mapping: nothing is read or
+    copied until it is used, the pages are the file's (shared with the page cache, never swapped
+    out, only dropped), and a write touches a private copy of its page (the mapping is copy-on-write,
+    so the file on disk never changes). How transformers and safetensors load too."""
+    b, e = info["data_offsets"]
+    src = SAFETENSORS_DTYPES[info["dtype"]]
+    return torch.frombuffer(mapped, dtype=src, count=(e - b) // src.itemsize,
+                            offset=data_start + b).view(info["shape"])
 
 
 def weight_files(ckpt_dir: str) -> list[str]:

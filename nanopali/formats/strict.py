@@ -13,6 +13,8 @@ layers, see bigvision.py) and then uses `assign` and `mismatch_error` from here.
 """
 from __future__ import annotations
 
+import mmap
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -29,16 +31,20 @@ class Source:
     key: str                                                    # the name in the file
     shape: tuple[int, ...]
     read: Callable[[torch.dtype, torch.device], torch.Tensor]   # (dtype, device) → the tensor
+    dtype: torch.dtype | None = None                            # as stored, where the format says
 
 
 def assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Make `value` the parameter `name` (no copy), keeping its requires_grad."""
+    """Make `value` the parameter (keeping its requires_grad) or the buffer `name`: no copy."""
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
-    old = mod._parameters[attr]
+    old = mod._parameters[attr] if attr in mod._parameters else mod._buffers[attr]
     if tuple(old.shape) != tuple(value.shape):  # a format's table is wrong, not the file (shapes were checked)
         raise RuntimeError(f"nanopali bug: {name} is {list(old.shape)}; the loader gave {list(value.shape)}")
-    mod._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        mod._buffers[attr] = value
 
 
 def mismatch_error(where: str, missing: list[str], unexpected: list[str], misshaped: list[str],
@@ -52,53 +58,68 @@ def mismatch_error(where: str, missing: list[str], unexpected: list[str], missha
 def load_strict(model: nn.Module, sources: Iterable[Source], rename: Callable[[str], str | None], *,
                 dtype: torch.dtype, device, where: str, only: str = "",
                 adapt: dict[str, Callable] | None = None, file_name: Callable[[str], str] = str,
-                unexpected: list[str] | None = None, noun: str = "tensor") -> None:
-    """Fill the parameters of `model` (those whose name starts with `only`) from `sources`, strictly.
+                unexpected: list[str] | None = None, noun: str = "tensor", place: Callable = assign) -> None:
+    """Fill the tensors of `model` (its state dict: parameters and buffers; those whose name starts
+    with `only`) from `sources`, strictly. Float tensors are read as `dtype`; integer ones (a quantized
+    model's weights) must be stored in exactly their own dtype.
 
-    rename(key) → parameter name; None: the model has no such tensor (unexpected); SKIP: not loaded.
+    rename(key) → tensor name; None: the model has no such tensor (unexpected); SKIP: not loaded.
     With `only`, a source landing outside that part is skipped (a PaliGemma takes just the image tower
-    of a SigLIP checkpoint). adapt: {parameter: f(source, shape, dtype, device) → tensor} for a tensor
-    that may be converted rather than refused when its shape differs (a position table resampled to
-    another resolution). file_name: parameter → the name to report it by when missing.
-    `unexpected`: items the format already found unexpected (e.g. members that are not arrays)."""
-    params = {n: p for n, p in model.named_parameters() if n.startswith(only)}
+    of a SigLIP checkpoint). adapt: {name: f(source, shape, dtype, device) → tensor} for a tensor that
+    may be converted rather than refused when its shape differs (a position table resampled to another
+    resolution). file_name: name → what to report it by when missing. `unexpected`: items the format
+    already found unexpected (e.g. members that are not arrays). place(model, name, tensor): where a
+    tensor goes (default `assign`; quantizing while loading hands the weight to the quantizer)."""
+    targets = {n: t for n, t in model.state_dict(keep_vars=True).items() if n.startswith(only)}
     adapt = adapt or {}
     seen, unexpected, misshaped = set(), list(unexpected or []), []
     for src in sources:
         name = rename(src.key)
         if name == SKIP or (only and name is not None and not name.startswith(only)):
             continue
-        if name not in params:
+        if name not in targets:
             unexpected.append(src.key)
-        elif name in seen:
+            continue
+        want = targets[name]
+        float_wanted = want.is_floating_point()
+        if name in seen:
             unexpected.append(f"{src.key} (duplicate)")
-        elif tuple(src.shape) != tuple(params[name].shape):
+        elif src.dtype is not None and (src.dtype.is_floating_point != float_wanted or
+                                        (not float_wanted and src.dtype != want.dtype)):
+            misshaped.append(f"{src.key}: expected {'a float tensor' if float_wanted else want.dtype}, "
+                             f"found {src.dtype}")
+        elif tuple(src.shape) != tuple(want.shape):
             if name not in adapt:
-                misshaped.append(f"{src.key}: expected {list(params[name].shape)}, found {list(src.shape)}")
+                misshaped.append(f"{src.key}: expected {list(want.shape)}, found {list(src.shape)}")
                 continue
-            assign(model, name, adapt[name](src, tuple(params[name].shape), dtype, device))
+            place(model, name, adapt[name](src, tuple(want.shape), dtype, device))
             seen.add(name)
         else:
-            assign(model, name, src.read(dtype, device))
+            place(model, name, src.read(dtype if float_wanted else want.dtype, device))
             seen.add(name)
-    missing = [file_name(n) for n in params if n not in seen]
+    missing = [file_name(n) for n in targets if n not in seen]
     error = mismatch_error(where, missing, unexpected, misshaped, noun)
     if error is not None:
         raise error
 
 
 def safetensors_sources(files: list[str]) -> Iterable[Source]:
-    """Every tensor of these safetensors files as a Source (headers validated first, files.py);
-    each read opens the file, seeks and reads that tensor alone, so a Source may be read later."""
-    from .files import read_safetensors_header, read_tensor
+    """Every tensor of these safetensors files as a Source (headers validated first, files.py). A read
+    in the file's dtype on the CPU is a view of the memory-mapped file (files.mapped_tensor); any other
+    opens the file and reads that tensor alone, converting as it goes, so a Source may be read later."""
+    from .files import SAFETENSORS_DTYPES, mapped_tensor, read_safetensors_header, read_tensor
 
-    def reader(path, info, start):
+    def reader(path, info, start, mapped):
         def read(dtype, device):
+            if dtype == SAFETENSORS_DTYPES[info["dtype"]] and torch.device(device).type == "cpu":
+                return mapped_tensor(mapped, info, start)
             with open(path, "rb") as f:
                 return read_tensor(f, info, start, dtype, device)
         return read
 
     for path in files:
         table, start = read_safetensors_header(path)
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.path.getsize(path) else None
         for key, info in table.items():
-            yield Source(key, tuple(info["shape"]), reader(path, info, start))
+            yield Source(key, tuple(info["shape"]), reader(path, info, start, mapped), SAFETENSORS_DTYPES[info["dtype"]])

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, _fwd_tiles, _key_tiles, _load_rows, _row_mask, kernel_args, tile_config
+from .flash import LOG2E, fwd_tiles, key_tiles, load_rows, row_mask, kernel_args, tile_config
 
 # Letters as in flash.py; R = G·T stacked query rows of one K/V head, C number of key chunks (splits).
 
@@ -26,15 +26,15 @@ def _decode_kernel(Q, K, V, M_PART, L_PART, ACC_PART, START, PREFIX_END, scale, 
                    PRECISION: tl.constexpr):
     q_start = tl.load(Q_START).to(tl.int32)
     split, bk = tl.program_id(0), tl.program_id(1)         # grid (C, B * K)
-    start, pe = _row_mask(START, PREFIX_END, bk // KV_HEADS)
+    start, pe = row_mask(START, PREFIX_END, bk // KV_HEADS)
     head = bk.to(tl.int64)                                 # int64 head offsets, as in flash.py
     Q += head * G * T * H                                  # the G query heads of this K/V head
     K += head * S * H
     V += head * S * H
     r = tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_H)
-    q = _load_rows(Q, r, G * T, d, H, DOT)                 # (BLOCK_R, BLOCK_H), row r = g·T + t
-    lo, full_lo, full_hi, hi = _key_tiles(q_start, q_start + T - 1, start, pe, window, S, BLOCK_N)
+    q = load_rows(Q, r, G * T, d, H, DOT)                 # (BLOCK_R, BLOCK_H), row r = g·T + t
+    lo, full_lo, full_hi, hi = key_tiles(q_start, q_start + T - 1, start, pe, window, S, BLOCK_N)
     c0 = split * CHUNK                                     # this program's keys: [c0, c0 + CHUNK)
     c1 = c0 + CHUNK
     m = tl.full((BLOCK_R,), -1.0e30, tl.float32)
@@ -42,11 +42,11 @@ def _decode_kernel(Q, K, V, M_PART, L_PART, ACC_PART, START, PREFIX_END, scale, 
     acc = tl.zeros((BLOCK_R, BLOCK_H), tl.float32)
     i = q_start + r % T
     # flash.py's three tile classes, each cut to this chunk
-    acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(lo, c0), tl.minimum(full_lo, c1), start, pe,
+    acc, l, m = fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(lo, c0), tl.minimum(full_lo, c1), start, pe,
                            window, S, d, H, scale, softcap, BLOCK_N, SOFTCAP, DOT, PRECISION, True)
-    acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(full_lo, c0), tl.minimum(full_hi, c1), start, pe,
+    acc, l, m = fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(full_lo, c0), tl.minimum(full_hi, c1), start, pe,
                            window, S, d, H, scale, softcap, BLOCK_N, SOFTCAP, DOT, PRECISION, False)
-    acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(full_hi, c0), tl.minimum(hi, c1), start, pe,
+    acc, l, m = fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(full_hi, c0), tl.minimum(hi, c1), start, pe,
                            window, S, d, H, scale, softcap, BLOCK_N, SOFTCAP, DOT, PRECISION, True)
     part = (bk * SPLITS + split) * BLOCK_R + r             # partials: (B * K, C, BLOCK_R[, BLOCK_H]) fp32
     tl.store(M_PART + part, m)                             # a chunk with no allowed key: m = -1e30, l = 0

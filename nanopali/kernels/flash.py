@@ -51,21 +51,21 @@ def _allowed(i, j, start, pe, window, S):
 
 
 @triton.jit
-def _row_mask(START, PREFIX_END, b):
+def row_mask(START, PREFIX_END, b):
     """(start, prefix_end) of row b; a prefix_end below start means "no prefix", as in the rule."""
     start = tl.load(START + b).to(tl.int32)
     return start, tl.maximum(tl.load(PREFIX_END + b).to(tl.int32), start)
 
 
 @triton.jit
-def _load_rows(ptr, rows, n_rows, d, H, DOT: tl.constexpr):
+def load_rows(ptr, rows, n_rows, d, H, DOT: tl.constexpr):
     """(len(rows), BLOCK_H) tile of a contiguous (n_rows, H) matrix as DOT; rows, columns past the end read 0."""
     inside = (rows[:, None] < n_rows) & (d[None, :] < H)
     return tl.load(ptr + rows[:, None] * H + d[None, :], mask=inside, other=0.0).to(DOT)
 
 
 @triton.jit
-def _key_tiles(i_lo, i_hi, start, pe, window, S, BLOCK_N: tl.constexpr):
+def key_tiles(i_lo, i_hi, start, pe, window, S, BLOCK_N: tl.constexpr):
     """Key ranges for query rows i_lo..i_hi (absolute, inclusive), as (lo, full_lo, full_hi, hi).
 
     Keys outside [lo, hi) are read by no row: their tiles are skipped. Keys in [full_lo, full_hi) are
@@ -91,8 +91,8 @@ def _key_tiles(i_lo, i_hi, start, pe, window, S, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _query_tiles(j_lo, j_hi, start, pe, window, q_start, T, BLOCK_M: tl.constexpr):
-    """The mirror of _key_tiles for keys j_lo..j_hi: (lo, full_lo, full_hi, hi) as query rows t = i - q_start.
+def query_tiles(j_lo, j_hi, start, pe, window, q_start, T, BLOCK_M: tl.constexpr):
+    """The mirror of key_tiles for keys j_lo..j_hi: (lo, full_lo, full_hi, hi) as query rows t = i - q_start.
 
     Per key: a pad key is read by itself, a prefix key by [start, max(pe, j + window)), a suffix key
     by [j, j + window)."""
@@ -117,13 +117,13 @@ def _query_tiles(j_lo, j_hi, start, pe, window, q_start, T, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _fwd_tiles(acc, l, m, q, i, K, V, lo, hi, start, pe, window, S, d, H, scale, softcap, BLOCK_N: tl.constexpr,
+def fwd_tiles(acc, l, m, q, i, K, V, lo, hi, start, pe, window, S, d, H, scale, softcap, BLOCK_N: tl.constexpr,
                SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over the key tiles in [lo, hi): FA2 Algorithm 1's inner loop."""
     for n0 in range(lo, hi, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, j, S, d, H, DOT)                 # (BLOCK_N, BLOCK_H)
-        v = _load_rows(V, j, S, d, H, DOT)
+        k = load_rows(K, j, S, d, H, DOT)                 # (BLOCK_N, BLOCK_H)
+        v = load_rows(V, j, S, d, H, DOT)
         s, _ = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)  # (BLOCK_M, BLOCK_N)
         if MASKED:
             s = tl.where(_allowed(i[:, None], j[None, :], start, pe, window, S), s, float("-inf"))
@@ -142,7 +142,7 @@ def _fwd_kernel(Q, K, V, O, LSE, START, PREFIX_END, scale, softcap, window, Q_ST
                 SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     q_start = tl.load(Q_START).to(tl.int32)                # on the device: one graph serves every step
     pid_m, bn = tl.program_id(0), tl.program_id(1)         # grid (cdiv(T, BLOCK_M), B * N)
-    start, pe = _row_mask(START, PREFIX_END, bn // N)
+    start, pe = row_mask(START, PREFIX_END, bn // N)
     head = bn.to(tl.int64)
     Q += head * T * H                                      # this head's (T, H) queries
     O += head * T * H
@@ -151,20 +151,20 @@ def _fwd_kernel(Q, K, V, O, LSE, START, PREFIX_END, scale, softcap, window, Q_ST
     V += head // G * S * H
     t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_H)
-    q = _load_rows(Q, t, T, d, H, DOT)                     # (BLOCK_M, BLOCK_H)
+    q = load_rows(Q, t, T, d, H, DOT)                     # (BLOCK_M, BLOCK_H)
     i_lo = q_start + pid_m * BLOCK_M
-    lo, full_lo, full_hi, hi = _key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, q_start + T) - 1,
+    lo, full_lo, full_hi, hi = key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, q_start + T) - 1,
                                           start, pe, window, S, BLOCK_N)
     # -1e30, not -inf: a row whose first tiles are all masked must give exp2(-inf - m) = 0, not NaN.
     m = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
     i = q_start + t
-    acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, lo, full_lo, start, pe, window, S, d, H, scale, softcap,
+    acc, l, m = fwd_tiles(acc, l, m, q, i, K, V, lo, full_lo, start, pe, window, S, d, H, scale, softcap,
                            BLOCK_N, SOFTCAP, DOT, PRECISION, True)
-    acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, full_lo, full_hi, start, pe, window, S, d, H, scale, softcap,
+    acc, l, m = fwd_tiles(acc, l, m, q, i, K, V, full_lo, full_hi, start, pe, window, S, d, H, scale, softcap,
                            BLOCK_N, SOFTCAP, DOT, PRECISION, False)
-    acc, l, m = _fwd_tiles(acc, l, m, q, i, K, V, full_hi, hi, start, pe, window, S, d, H, scale, softcap,
+    acc, l, m = fwd_tiles(acc, l, m, q, i, K, V, full_hi, hi, start, pe, window, S, d, H, scale, softcap,
                            BLOCK_N, SOFTCAP, DOT, PRECISION, True)
     l = tl.where(t < T, l, 1.0)                            # rows past T (not stored) may have seen no key at all
     rows = (t[:, None] < T) & (d[None, :] < H)
@@ -180,8 +180,8 @@ def _dkdv_tiles(dk, dv, k, v, j, Q, DO, LSE, DELTA, lo, hi, q_start, T, start, p
     """dK, dV of one key tile from the query tiles in [lo, hi) of one query head: FA2 Algorithm 2."""
     for m0 in range(lo, hi, BLOCK_M):
         t = m0 + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, t, T, d, H, DOT)                 # (BLOCK_M, BLOCK_H)
-        do = _load_rows(DO, t, T, d, H, DOT)
+        q = load_rows(Q, t, T, d, H, DOT)                 # (BLOCK_M, BLOCK_H)
+        do = load_rows(DO, t, T, d, H, DOT)
         lse = tl.load(LSE + t, mask=t < T, other=float("inf")) * LOG2E  # rows past T: p = 0
         delta = tl.load(DELTA + t, mask=t < T, other=0.0)
         s, th = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)
@@ -203,7 +203,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, START, PREFIX_END, scale, 
                      BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     q_start = tl.load(Q_START).to(tl.int32)                # on the device: one graph serves every step
     pid_n, bk = tl.program_id(0), tl.program_id(1)         # grid (cdiv(S, BLOCK_N), B * K)
-    start, pe = _row_mask(START, PREFIX_END, bk // KV_HEADS)
+    start, pe = row_mask(START, PREFIX_END, bk // KV_HEADS)
     head = bk.to(tl.int64)
     K += head * S * H                                      # this K/V head's (S, H) keys
     V += head * S * H
@@ -215,10 +215,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, START, PREFIX_END, scale, 
     DELTA += head * G * T
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_H)
-    k = _load_rows(K, j, S, d, H, DOT)                     # (BLOCK_N, BLOCK_H)
-    v = _load_rows(V, j, S, d, H, DOT)
+    k = load_rows(K, j, S, d, H, DOT)                     # (BLOCK_N, BLOCK_H)
+    v = load_rows(V, j, S, d, H, DOT)
     j_lo = pid_n * BLOCK_N
-    lo, full_lo, full_hi, hi = _query_tiles(j_lo, tl.minimum(j_lo + BLOCK_N, S) - 1, start, pe, window,
+    lo, full_lo, full_hi, hi = query_tiles(j_lo, tl.minimum(j_lo + BLOCK_N, S) - 1, start, pe, window,
                                             q_start, T, BLOCK_M)
     dk = tl.zeros((BLOCK_N, BLOCK_H), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_H), tl.float32)
@@ -242,8 +242,8 @@ def _dq_tiles(dq, q, do, lse, delta, i, K, V, lo, hi, start, pe, window, S, d, H
     """dQ of one query tile from the key tiles in [lo, hi)."""
     for n0 in range(lo, hi, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, j, S, d, H, DOT)                 # (BLOCK_N, BLOCK_H)
-        v = _load_rows(V, j, S, d, H, DOT)
+        k = load_rows(K, j, S, d, H, DOT)                 # (BLOCK_N, BLOCK_H)
+        v = load_rows(V, j, S, d, H, DOT)
         s, th = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)
         p = tl.exp2(s - lse[:, None])                      # (BLOCK_M, BLOCK_N)
         if MASKED:
@@ -261,7 +261,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softca
                    SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     q_start = tl.load(Q_START).to(tl.int32)                # on the device: one graph serves every step
     pid_m, bn = tl.program_id(0), tl.program_id(1)         # grid (cdiv(T, BLOCK_M), B * N)
-    start, pe = _row_mask(START, PREFIX_END, bn // N)
+    start, pe = row_mask(START, PREFIX_END, bn // N)
     head = bn.to(tl.int64)
     Q += head * T * H
     DO += head * T * H
@@ -272,12 +272,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softca
     V += head // G * S * H
     t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_H)
-    q = _load_rows(Q, t, T, d, H, DOT)                     # (BLOCK_M, BLOCK_H)
-    do = _load_rows(DO, t, T, d, H, DOT)
+    q = load_rows(Q, t, T, d, H, DOT)                     # (BLOCK_M, BLOCK_H)
+    do = load_rows(DO, t, T, d, H, DOT)
     lse = tl.load(LSE + t, mask=t < T, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + t, mask=t < T, other=0.0)
     i_lo = q_start + pid_m * BLOCK_M
-    lo, full_lo, full_hi, hi = _key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, q_start + T) - 1,
+    lo, full_lo, full_hi, hi = key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, q_start + T) - 1,
                                           start, pe, window, S, BLOCK_N)
     dq = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
     i = q_start + t
