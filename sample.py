@@ -43,7 +43,11 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bf16 on CUDA and on CPUs that "
+                   "multiply bf16 natively, else fp32; the choice is printed)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization while "
+                   "loading: 2x (int8) or ~4x (int4) fewer bytes read per token; see README 'Speed'")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default), 128, 256")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
     p.add_argument("--attn-impl", default="auto", choices=["auto", "reference", "sdpa", "triton"])
     p.add_argument("--out", default=None, help="write the image with boxes drawn (PNG); default annotated.png "
@@ -62,8 +66,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch
+
     import nanopali
-    from nanopali.formats.files import resolve_device
+    from nanopali.formats.files import resolve_device, resolve_dtype
     from nanopali.tasks.detection import draw_detections, parse_detections
     from nanopali.generate import generate
     from nanopali.processing import load_image
@@ -89,17 +95,27 @@ def main(argv=None) -> int:
         rows = [i for i in rows for _ in BUNDLED_PROMPTS]
         prompts = BUNDLED_PROMPTS * len(images)
     device = resolve_device(args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = resolve_dtype(args.dtype, device)
     npz = {"tokenizer": args.tokenizer, "variant": args.variant} if ckpt.endswith(".npz") else {}
-    model, processor = nanopali.load(ckpt, dtype=dtype, device=device, attn_impl=args.attn_impl, **npz)
+    t0 = time.perf_counter()
+    model, processor = nanopali.load(ckpt, dtype=dtype, device=device, attn_impl=args.attn_impl,
+                                     quantize=args.quantize, group_size=args.group_size, **npz)
+    setting = f"{device}, {str(dtype).removeprefix('torch.')}" + (f", {args.quantize}" if args.quantize else "")
+    if not args.json:
+        print(f"(loaded {ckpt} in {time.perf_counter() - t0:.1f} s: {setting}, "
+              f"{torch.get_num_threads()} threads)", file=sys.stderr)
     pils = [load_image(p) for p in images]
     batch_images = [pils[i] for i in rows]
     if args.multi:  # one row holding every image; answers are drawn onto the first image
         rows, prompts, batch_images = [0], prompts[:1], [pils]
     compile_step = device.type == "cuda" if args.compile is None else args.compile
+    # One row in plain text mode streams: the answer appears as it is decoded (a 3B model on a CPU
+    # makes a few tokens a second). The stream's line is the answer's line, printed whole at the end.
+    stream = None if args.json or len(batch_images) != 1 else Stream(processor, f"{prompts[0]} ->")
     t0 = time.perf_counter()
     texts, ids = generate(model, processor, batch_images, prompts, args.max_new_tokens, args.temperature,
-                          args.top_k, args.top_p, args.seed, return_ids=True, compile=compile_step)
+                          args.top_k, args.top_p, args.seed, return_ids=True, compile=compile_step,
+                          on_token=stream)
     seconds = time.perf_counter() - t0
     mask_decoder = MaskDecoder.from_npz(args.vae) if args.vae else None
     for i, prompt, text, toks in zip(rows, prompts, texts, ids):
@@ -114,7 +130,12 @@ def main(argv=None) -> int:
                 root, ext = os.path.splitext(out_path)
                 out_path = f"{root}_{i}{ext or '.png'}"
             (draw_segmentations(pil, segs) if segs else draw_detections(pil, dets)).save(out_path)
-        if args.json:
+        if stream is not None:
+            stream.finish(text)
+            if out_path:
+                print(f"[{shown}] {len(segs)} mask(s)" if segs else f"[{shown}] {len(dets)} box(es)",
+                      f"drawn into {out_path}", file=sys.stderr)
+        elif args.json:
             rec = {"image": images if args.multi else path, "prompt": prompt, "text": text, "tokens": toks}
             if dets:
                 rec["boxes"] = [d.to_dict() for d in dets]
@@ -130,8 +151,30 @@ def main(argv=None) -> int:
             print(f"[{shown}] {prompt} ->" if len(images) > 1 else f"{prompt} ->")
             print(text)
     if not args.json:
-        print(f"({sum(len(t) for t in ids)} tokens in {seconds:.2f} s, {device}, {dtype})", file=sys.stderr)
+        n = sum(len(t) for t in ids)
+        print(f"({n} tokens in {seconds:.2f} s: {n / seconds:.1f} tok/s including the prompt, {setting})",
+              file=sys.stderr)
     return 0
+
+
+class Stream:
+    """Prints one row's answer as it is decoded: the text of the ids so far, minus what is on screen.
+    SentencePiece may change the tail of the text as pieces arrive (a byte sequence completing a
+    character), so only the part before the last piece is printed early; `finish` prints the rest."""
+
+    def __init__(self, processor, header: str):
+        self.processor, self.ids, self.shown = processor, [], ""
+        print(header, flush=True)
+
+    def __call__(self, tokens) -> None:
+        self.ids.append(int(tokens[0]))
+        text = self.processor.decode(self.ids[:-1])
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self, text: str) -> None:
+        print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
 
 
 if __name__ == "__main__":

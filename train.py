@@ -29,7 +29,7 @@ import torch.distributed as dist
 import nanopali
 from nanopali.train import finetune, parallel, resume
 from nanopali.formats.files import resolve_dtype
-from nanopali.formats.hf import read_paligemma_config
+from nanopali.formats.hf import read_paligemma_config, read_quantization
 from nanopali.config import PRESETS, from_hf_config, preset
 from nanopali.train.data import DataError, DataOrder, collate, load_examples
 from nanopali.train.cost import Progress, estimate_memory, peak_flops
@@ -160,6 +160,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_config(args):
     """(config, tokenizer path) of --init: a checkpoint directory, a config.json or a preset name."""
     if os.path.isdir(args.init):
+        quant = read_quantization(args.init) if os.path.isfile(os.path.join(args.init, "config.json")) else None
+        if quant is not None:
+            raise SystemExit(f"--init {args.init} holds a model quantized as {quant['scheme']}: fine-tuning starts "
+                             "from the full-precision checkpoint it was made from")
         return read_paligemma_config(args.init), os.path.join(args.init, "tokenizer.model")
     if not (os.path.isfile(args.init) or args.init in PRESETS):
         raise SystemExit(f"--init {args.init!r} is neither a checkpoint directory, a config.json nor a preset "

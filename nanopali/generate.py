@@ -12,6 +12,7 @@ Sampling: temperature, then top-k, then top-p (transformers' warper order), seed
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 
@@ -73,13 +74,15 @@ def _compiled_step(device: torch.device):
 @torch.no_grad()
 def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 max_len: int | None = None, stop_at_eos: bool = True, compile: bool = False) -> list[list[int]]:
+                 max_len: int | None = None, stop_at_eos: bool = True, compile: bool = False,
+                 on_token: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
     """New token ids per row, each ending at (and including) its first EOS if one came.
 
     stop_at_eos=False decodes exactly max_new_tokens for every row (benchmarks). compile=True runs the
     decode step through torch.compile (CUDA graphs with mode "reduce-overhead" on GPU); eager and
     compiled steps are the same function of tensors, the slot `pos` included; falls back to eager
-    where compile fails."""
+    where compile fails. on_token(tokens) is called with each step's (B,) new ids as they are decoded
+    (rows already done get pad), so a caller can show the answer appearing (sample.py streams it)."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     cfg, dev = model.cfg, model.device
     batch = {k: v.to(dev) for k, v in batch.items()}
@@ -106,6 +109,8 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
             tok = tok.masked_fill(done, cfg.pad_token_id)
             done |= tok == cfg.eos_token_id
         out[:, t] = tok
+        if on_token is not None:
+            on_token(tok)
         if bool(done.all()) or t == max_new_tokens - 1:
             steps = t + 1
             break
@@ -121,7 +126,8 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
 
 def generate(model: PaliGemma, processor: Processor, images, prompts, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, return_ids: bool = False, compile: bool = False):
+             seed: int | None = None, return_ids: bool = False, compile: bool = False,
+             on_token: Callable[[torch.Tensor], None] | None = None):
     """Decoded answers, one string per prompt (one image, or a list of images, per prompt).
 
     `prompts` may be one string for all images. With return_ids, (texts, new token ids) are returned."""
@@ -131,6 +137,7 @@ def generate(model: PaliGemma, processor: Processor, images, prompts, max_new_to
         if not isinstance(p, str) or not p.strip():
             raise InputError(f"Prompt {i} is empty: give a task prefix such as 'caption en' or 'detect cat'")
     batch = processor(images=images, prompts=prompts)
-    ids = generate_ids(model, batch, max_new_tokens, temperature, top_k, top_p, seed, compile=compile)
+    ids = generate_ids(model, batch, max_new_tokens, temperature, top_k, top_p, seed, compile=compile,
+                       on_token=on_token)
     texts = [processor.decode(r) for r in ids]
     return (texts, ids) if return_ids else texts

@@ -35,7 +35,7 @@ def test_json_output_has_text_and_tokens_matching_the_library(setup):
     r = run("--checkpoint", ckpt, "--image", img, "--prompt", "caption en", "--max-new-tokens", "6", "--json")
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout.strip().splitlines()[-1])
-    model, proc = nanopali.load(ckpt)
+    model, proc = nanopali.load(ckpt, dtype="auto")
     texts, ids = generate(model, proc, [Image.open(img)], ["caption en"], 6, return_ids=True)
     assert rec["text"] == texts[0] and rec["tokens"] == ids[0]
 
@@ -47,7 +47,7 @@ def test_plain_output_prints_the_answer_on_the_last_line(setup):
     ckpt, img, d = setup
     r = run("--checkpoint", ckpt, "--image", img, "--prompt", "detect cat", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
-    model, proc = nanopali.load(ckpt)
+    model, proc = nanopali.load(ckpt, dtype="auto")          # sample.py's default: bf16 where the CPU has it
     (text,) = generate(model, proc, [Image.open(img)], ["detect cat"], 4)
     assert r.stdout.endswith(text + "\n")
 
@@ -75,7 +75,7 @@ def test_multi_sends_every_image_with_one_prompt_as_the_library_does(setup):
     assert r.returncode == 0, r.stderr
     (line,) = r.stdout.strip().splitlines()
     rec = json.loads(line)
-    model, proc = nanopali.load(ckpt)
+    model, proc = nanopali.load(ckpt, dtype="auto")
     pil = Image.open(img)
     _, ids = generate(model, proc, [[pil, pil]], ["answer en same?"], 5, return_ids=True)
     assert rec["image"] == [img, img] and rec["tokens"] == ids[0]

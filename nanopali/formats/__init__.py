@@ -21,20 +21,26 @@ __all__ = ["load", "save_checkpoint", "CheckpointError"]
 
 
 def load(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, variant=None,
-         tokenizer: str | None = None, image_size: int | None = None):
+         tokenizer: str | None = None, image_size: int | None = None, quantize: str | None = None,
+         group_size: int | None = None):
     """(model, processor) from a Hugging Face PaliGemma / PaliGemma 2 checkpoint directory, or from a
     big_vision `.npz` file, which needs `tokenizer=` and takes `variant=` (see `bigvision.load_npz`).
-    image_size (HF directories): load into another resolution, resampling the position table."""
+
+    dtype: float32, bfloat16, float16, or "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32).
+    image_size (HF directories): load into another resolution, resampling the position table.
+    quantize: None, "int8" or "int4" (with group_size 32 / 64 / 128 / 256, default 64): weight-only
+    quantization of every Linear and of the tied embedding, done tensor by tensor while reading
+    (nanopali/quant). A directory saved from a quantized model loads quantized as it was saved."""
     from ..processing import Processor
 
     if os.fspath(path).endswith(".npz"):
         from .bigvision import load_npz
-        return load_npz(path, variant, tokenizer, dtype, device, attn_impl)
+        return load_npz(path, variant, tokenizer, dtype, device, attn_impl, quantize, group_size)
     if variant is not None or tokenizer is not None:
         raise CheckpointError(f"variant= and tokenizer= are for big_vision .npz files; {path} is loaded as a "
                               "Hugging Face directory, whose config.json and tokenizer.model say both")
     tok = os.path.join(os.fspath(path), "tokenizer.model")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(tok):
         raise CheckpointError(f"No tokenizer.model in {path} (the SentencePiece file of the checkpoint)")
-    model = load_paligemma_model(path, dtype, device, attn_impl, image_size)
+    model = load_paligemma_model(path, dtype, device, attn_impl, image_size, quantize, group_size)
     return model, Processor.for_model(tok, model.cfg)

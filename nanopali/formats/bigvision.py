@@ -1,4 +1,4 @@
-"""Loading Google's original big_vision checkpoints (the `.npz` files on Kaggle), strictly (spec §5.2, §5.3).
+"""Loading Google's original big_vision checkpoints (Kaggle `.npz`), strictly (docs/checkpoints.md#big_vision-npz).
 
 A big_vision checkpoint is a flat `np.savez` of "/"-joined flax paths (`img/...` SigLIP and projector,
 `llm/...` Gemma), optionally under `params/`. Per-layer arrays are stacked on a leading layer axis
@@ -9,7 +9,7 @@ says which array becomes which of our parameters and how its axes move (big_visi
 
 The embedding keeps big_vision's 257152 rows (256000 Gemma pieces + 1024 `<loc>` + 128 `<seg>`), so
 the logits are 257152 wide, as big_vision's are; Hugging Face files carry 64 extra padding rows that no
-real token uses (spec §1.3). Compare the two with `logits[..., :257152]`.
+real token uses (docs/variants.md#vocabulary-size). Compare the two with `logits[..., :257152]`.
 
 Memory: the headers are read first (names, shapes, dtypes: enough for strict accounting and for
 inferring the variant); then each parameter is read on its own, and from an uncompressed `.npz` (what
@@ -34,7 +34,7 @@ from .strict import assign, mismatch_error
 # Letters: W SigLIP width, P patches, p patch side, D Gemma width, L layers, N heads, K kv heads,
 # H head dim, F MLP width, V vocab rows.
 
-NPZ_VOCAB = 257152  # rows of `llm/embedder/input_embedding` in every released .npz (spec §1.2)
+NPZ_VOCAB = 257152  # rows of `llm/embedder/input_embedding` in every released .npz (docs/variants.md#decoder-sizes)
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
 _BF16 = np.dtype("V2")  # how np.save writes bfloat16 (big_vision `utils.recover_dtype`)
 
@@ -128,7 +128,7 @@ class NpzArrays:
 
 def npz_shapes(cfg: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
     """Every array of a big_vision checkpoint of this config and its shape (32 for PaliGemma 1,
-    34 for PaliGemma 2: the einsum shapes of spec §5.3)."""
+    34 for PaliGemma 2: the einsum shapes of docs/checkpoints.md#tensor-table)."""
     v, t = cfg.vision, cfg.text
     W, Lv, Fv, Nv, Hv, p = v.width, v.depth, v.mlp_dim, v.num_heads, v.head_dim, v.patch_size
     D, L, F, N, K, H = t.width, t.depth, t.mlp_dim, t.num_heads, t.num_kv_heads, t.head_dim
@@ -268,14 +268,20 @@ def to_tensor(a: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
     return t.to(dtype=dtype, device=device)
 
 
-def _build(npz: NpzArrays, cfg: PaliGemmaConfig, dtype, device, attn_impl: str) -> PaliGemma:
-    """The model on the meta device, then each parameter read from the file straight into place."""
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
+def _build(npz: NpzArrays, cfg: PaliGemmaConfig, dtype, device, attn_impl: str, quantize: str | None = None,
+           group_size: int | None = None) -> PaliGemma:
+    """The model on the meta device, then each parameter read from the file straight into place
+    (quantized as it arrives with `quantize`, as for Hugging Face directories)."""
+    dtype, device = resolve_dtype(dtype, device), resolve_device(device)
     with torch.device("meta"):
         model = PaliGemma(cfg)
+    place = assign
+    if quantize is not None:
+        from ..quant import quantizing_place
+        place = quantizing_place(model, quantize, group_size, dtype)
     for name, key, index, f in _mapping(cfg):
-        assign(model, name, to_tensor(f(npz.read(key, index)), dtype, device))
-    unset = [n for n, p in model.named_parameters() if p.is_meta]
+        place(model, name, to_tensor(f(npz.read(key, index)), dtype, device))
+    unset = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if unset:
         raise RuntimeError(f"nanopali bug: the .npz mapping does not fill {', '.join(unset)}")
     model.eval()
@@ -283,14 +289,15 @@ def _build(npz: NpzArrays, cfg: PaliGemmaConfig, dtype, device, attn_impl: str) 
     return model
 
 
-def load_npz_model(path: str, variant=None, dtype=torch.float32, device="cpu", attn_impl: str = "auto") -> PaliGemma:
-    """The model alone from a big_vision .npz (see `load`)."""
+def load_npz_model(path: str, variant=None, dtype=torch.float32, device="cpu", attn_impl: str = "auto",
+                   quantize: str | None = None, group_size: int | None = None) -> PaliGemma:
+    """The model alone from a big_vision .npz (see `load_npz`)."""
     with NpzArrays(path) as npz:
-        return _build(npz, resolve_variant(variant, npz), dtype, device, attn_impl)
+        return _build(npz, resolve_variant(variant, npz), dtype, device, attn_impl, quantize, group_size)
 
 
 def load_npz(path: str, variant=None, tokenizer: str | None = None, dtype=torch.float32, device="cpu",
-         attn_impl: str = "auto"):
+             attn_impl: str = "auto", quantize: str | None = None, group_size: int | None = None):
     """(model, processor) from a big_vision PaliGemma / PaliGemma 2 `.npz`.
 
         nanopali.load("paligemma2-3b-pt-224.b16.npz", variant="pg2-3b-224",
@@ -312,4 +319,4 @@ def load_npz(path: str, variant=None, tokenizer: str | None = None, dtype=torch.
         if cfg.image_token_id < processor.sp.get_piece_size():
             raise CheckpointError(f"image_token_id {cfg.image_token_id} is a real piece of {tokenizer} "
                                   f"({processor.sp.get_piece_size()} pieces); <image> must lie past the tokenizer")
-        return _build(npz, cfg, dtype, device, attn_impl), processor
+        return _build(npz, cfg, dtype, device, attn_impl, quantize, group_size), processor

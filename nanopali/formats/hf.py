@@ -1,7 +1,7 @@
-"""Loading and saving Hugging Face PaliGemma checkpoints, strictly (spec §5, §10).
+"""Loading and saving Hugging Face PaliGemma checkpoints, strictly (docs/checkpoints.md).
 
 A checkpoint directory holds config.json, tokenizer.model and the weights as model.safetensors or
-shards listed in model.safetensors.index.json. Three key layouts are in circulation (spec §10):
+shards listed in model.safetensors.index.json. Three key layouts are in circulation (docs/checkpoints.md#key-layouts):
 Google's hub files (`language_model.model.*`, `vision_tower.vision_model.*`), transformers' in-memory
 names (`model.language_model.*`, `lm_head.weight`), and what transformers 5 `save_pretrained` writes
 (`vision_tower.*` without `vision_model.`). All are canonicalised, then renamed to nanopali's modules
@@ -24,7 +24,7 @@ from ..config import PaliGemmaConfig, from_hf_config, to_hf_config
 from ..model import PaliGemma
 from ..vit import resample_pos_embed
 from .files import CheckpointError, atomic_write, resolve_device, resolve_dtype, weight_files
-from .strict import SKIP, load_strict, safetensors_sources
+from .strict import SKIP, assign, load_strict, safetensors_sources
 
 
 # HF name (canonical hub layout, `vision_model.` dropped) → nanopali name. PaliGemma 1 calls its
@@ -70,7 +70,7 @@ def paligemma_name(key: str, generation: int) -> str | None:
 
 def hub_names(cfg: PaliGemmaConfig) -> list[str]:
     """Every tensor name of a released checkpoint in Google's hub layout (603 for PaliGemma 1 3B,
-    727 for PaliGemma 2 3B: spec §5.1), lm_head excluded."""
+    727 for PaliGemma 2 3B: docs/checkpoints.md#key-layouts), lm_head excluded."""
     v = "vision_tower.vision_model."
     names = [v + "embeddings.patch_embedding.weight", v + "embeddings.patch_embedding.bias",
              v + "embeddings.position_embedding.weight", v + "post_layernorm.weight", v + "post_layernorm.bias",
@@ -94,43 +94,45 @@ def nanopali_names(cfg: PaliGemmaConfig) -> dict[str, str]:
     return {paligemma_name(k, cfg.generation): k for k in hub_names(cfg)}
 
 
-def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device, resample_pos: bool = False) -> None:
+def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device, resample_pos: bool = False,
+               place=assign) -> None:
     """Fill a meta-device model from safetensors files through the strict loader (strict.py).
 
     resample_pos: a SigLIP position table of another resolution is resampled to the model's grid
     (`vit.resample_pos_embed`) instead of being reported as mis-shaped. A stored lm_head must equal
-    the embedding it is tied to; it is read and compared after the rest, never kept."""
-    heads = []
+    the embedding it is tied to: it is compared when the embedding is read, before `place` (which may
+    quantize it), and never kept."""
+    sources = list(safetensors_sources(files))              # headers only: nothing is read yet
+    heads = [src for src in sources if canonical_hf_name(src.key) == LM_HEAD]
 
     def rename(key: str):
-        if canonical_hf_name(key) == LM_HEAD:
-            return SKIP
-        return paligemma_name(key, model.cfg.generation)
+        return SKIP if canonical_hf_name(key) == LM_HEAD else paligemma_name(key, model.cfg.generation)
 
-    def sources():
-        for src in safetensors_sources(files):
-            if canonical_hf_name(src.key) == LM_HEAD:
-                heads.append(src)
-            yield src
+    def place_checking_the_head(model, name, tensor):
+        for src in heads if name == "language_model.embed.weight" else ():
+            if tuple(src.shape) != tuple(tensor.shape) or not torch.equal(src.read(tensor.dtype, tensor.device), tensor):
+                raise CheckpointError(f"{', '.join(files)}: {src.key} differs from the token embedding; "
+                                      "PaliGemma ties them")
+        place(model, name, tensor)
 
     def resample(src, shape, dtype, device):
         return resample_pos_embed(src.read(torch.float32, device), shape[0]).to(dtype)
 
     to_hf = nanopali_names(model.cfg)
-    load_strict(model, sources(), rename, dtype=dtype, device=device,
+    load_strict(model, sources, rename, dtype=dtype, device=device, place=place_checking_the_head,
                 where=f"Checkpoint {', '.join(files)} does not match the config",
                 adapt={"vision_tower.pos_embed": resample} if resample_pos else None,
                 file_name=lambda n: to_hf.get(n, n))
-    embed = model.language_model.embed.weight
-    for src in heads:
-        if tuple(src.shape) != tuple(embed.shape) or not torch.equal(src.read(dtype, device), embed):
-            raise CheckpointError(f"{', '.join(files)}: {src.key} differs from the token embedding; PaliGemma ties them")
 
 
 def save_checkpoint(model: PaliGemma, out_dir: str, tokenizer_path: str | None = None) -> None:
-    """Write config.json + model.safetensors (hub layout, no lm_head) atomically; copy the tokenizer."""
+    """Write config.json + model.safetensors (hub layout, no lm_head) atomically; copy the tokenizer.
+    A quantized model is written in nanopali's quantized format (quant/convert.py), which `load` reads."""
     from safetensors.torch import save_file
 
+    if getattr(model, "quantization", None) is not None:
+        from ..quant import save_quantized
+        return save_quantized(model, out_dir, tokenizer_path)
     os.makedirs(out_dir, exist_ok=True)
     to_hf = nanopali_names(model.cfg)
     tensors = {to_hf[n]: p.detach().contiguous().cpu() for n, p in model.named_parameters()}
@@ -156,13 +158,26 @@ def read_paligemma_config(ckpt_dir: str) -> PaliGemmaConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def read_quantization(ckpt_dir: str) -> dict | None:
+    """The "quantization" entry of a checkpoint's config.json ({"scheme", "group_size"}), or None."""
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        quant = json.load(f).get("quantization")
+    if quant is not None and not (isinstance(quant, dict) and quant.get("scheme") in ("int8", "int4")):
+        raise CheckpointError(f"{ckpt_dir}/config.json: \"quantization\" is {quant!r}; expected "
+                              '{"scheme": "int8" or "int4", "group_size": ...}')
+    return quant
+
+
 def load_paligemma_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto",
-                         image_size: int | None = None) -> PaliGemma:
+                         image_size: int | None = None, quantize: str | None = None,
+                         group_size: int | None = None) -> PaliGemma:
     """The model alone from a Hugging Face checkpoint directory (config.json + safetensors).
 
     image_size: run at another resolution than the checkpoint's (the paper's stage 2, 224 → 448 → 896):
-    SigLIP's position table is resampled bilinearly on its grid. The native size never resamples."""
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    SigLIP's position table is resampled bilinearly on its grid. The native size never resamples.
+    quantize "int8" / "int4" (groups of `group_size`): weight-only quantization while loading, one
+    tensor at a time (nanopali/quant). A directory nanopali saved quantized loads as it was saved."""
+    dtype, device = resolve_dtype(dtype, device), resolve_device(device)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"Checkpoint path does not exist: {path}")
@@ -176,9 +191,36 @@ def load_paligemma_model(path: str, dtype=torch.float32, device="cpu", attn_impl
                                   f"{cfg.vision.patch_size}")
         cfg = replace(cfg, vision=replace(cfg.vision, image_size=image_size))
     files = weight_files(path)
-    with torch.device("meta"):
-        model = PaliGemma(cfg)
-    load_state(model, files, dtype, device, resample_pos=image_size is not None)
+    saved = read_quantization(path)
+    if saved is not None:
+        model = _load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size, image_size)
+    else:
+        with torch.device("meta"):
+            model = PaliGemma(cfg)
+        place = assign
+        if quantize is not None:
+            from ..quant import quantizing_place
+            place = quantizing_place(model, quantize, group_size, dtype)
+        elif group_size is not None:
+            raise CheckpointError("group_size= goes with quantize='int4'")
+        load_state(model, files, dtype, device, resample_pos=image_size is not None, place=place)
     model.eval()
     model.attn_impl = attn_impl
+    return model
+
+
+def _load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size, image_size) -> PaliGemma:
+    """A directory save_checkpoint wrote from a quantized model: the quantized skeleton, filled strictly."""
+    from ..quant import quantized_skeleton
+
+    scheme, group = saved["scheme"], saved.get("group_size")
+    if (quantize is not None and quantize != scheme) or (group_size is not None and group_size != group):
+        raise CheckpointError(f"{path} holds a model quantized as {scheme}" + (f" (groups of {group})" if group else "")
+                              + f"; it cannot be loaded as quantize={quantize!r}, group_size={group_size!r}: "
+                              "load it without them, or quantize its full-precision checkpoint")
+    if image_size is not None:
+        raise CheckpointError(f"{path} is quantized: image_size= needs the full-precision checkpoint")
+    model = quantized_skeleton(cfg, scheme, group, dtype)
+    load_strict(model, safetensors_sources(files), lambda key: key, dtype=dtype, device=device,
+                where=f"Quantized checkpoint {', '.join(files)} does not match its config.json")
     return model

@@ -1,0 +1,152 @@
+"""Which layers of PaliGemma are quantized, in place or while loading, and the quantized file format.
+
+Quantized: every nn.Linear of the image encoder, the projector and the decoder, and the tied embedding
+(the LM head, read at every decode step). Left in float: the norms (a few thousand weights each, and the
+model is sensitive to their scale), the biases, SigLIP's Conv2d patch embedding (run once per image, its
+588-wide input is a handful of weights), and the position table (added, not multiplied: no GEMM to speed up).
+int4 needs its group size to divide a layer's input width; a layer it does not divide is quantized int8
+instead (SigLIP So400m's MLP is 4304 wide, 16·269, so no int4 group size divides it).
+File format: model.safetensors with nanopali's tensor names (qweight, scale, zero per layer), the scheme
+in its metadata and in config.json under "quantization". int4 is stored as nibbles (weight_only.py's
+portable layout), never as a kernel's packed tiles, which differ per device and per CPU ISA.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+import torch.nn as nn
+
+from .weight_only import INT4_GROUP_SIZES, QuantizedEmbedding, QuantizedLinear, QuantizedWeight, quantize_weight
+
+log = logging.getLogger("nanopali")
+
+SCHEMES = ("int8", "int4")
+# int4 groups: a bf16 scale and zero cost 4 bytes a group, +25% over the 0.5-byte nibbles at 32, +12.5% at 64,
+# +6% at 128 (gpt-fast's and torchao's default); kernel speed barely depends on it. On the tiny model's 200
+# held-out scenes 32, 64 and 128 all stay within 0.01 of fp32 on every metric; 64 is the middle ground
+# until a full-size model is measured.
+DEFAULT_GROUP_SIZE = 64
+
+
+def layer_scheme(scheme: str, in_features: int, group_size: int | None) -> str:
+    """The scheme one layer gets: int4 falls back to int8 where its groups do not divide the width.
+    Savers and loaders share this rule, so a file needs no per-layer table."""
+    return "int8" if scheme == "int4" and in_features % group_size else scheme
+
+
+def check_scheme(scheme: str, group_size: int | None) -> int | None:
+    """Validated group size (None for int8)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"Unknown quantization scheme {scheme!r}; known: {', '.join(map(repr, SCHEMES))}")
+    if scheme == "int8":
+        return None
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES} (torch's int4 kernels), got {group_size}")
+    return group_size
+
+
+def quantize_linear_weight(w: torch.Tensor, scheme: str, group_size: int | None = None,
+                           dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One float weight (N, K) → the buffers its quantized module holds, by the same per-layer rule
+    quantize_model uses: what a streaming loader calls per tensor."""
+    group_size = check_scheme(scheme, group_size)
+    own = layer_scheme(scheme, w.shape[1], group_size)
+    return quantize_weight(w, own, group_size if own == "int4" else None, dtype)
+
+
+def targets(model: nn.Module):
+    """(parent, attribute, module, dotted name) of every module to quantize."""
+    for root in ("vision_tower", "projector", "language_model"):
+        for name, parent in getattr(model, root).named_modules():
+            for attr, child in parent.named_children():
+                full = ".".join(p for p in (root, name, attr) if p)
+                if isinstance(child, nn.Linear) or full == "language_model.embed":
+                    yield parent, attr, child, full
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None,
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace, in place, the image encoder's, projector's and decoder's Linears and the tied embedding
+    by their int8 / int4 versions; return the model. dtype: of the scales, zeros and biases, and so of the
+    dequantized weights (default: each weight's own). On a meta-device model this builds the skeleton a
+    loader fills. The choice is recorded as `model.quantization` for savers."""
+    group_size = check_scheme(scheme, group_size)
+    as_int8 = []
+    for parent, attr, child, name in list(targets(model)):
+        own = layer_scheme(scheme, child.weight.shape[1], group_size)
+        if own != scheme:
+            as_int8.append(f"{name} ({child.weight.shape[1]} wide)")
+        g = group_size if own == "int4" else None
+        if isinstance(child, nn.Linear):
+            new = QuantizedLinear.from_linear(child, own, g, dtype)
+        else:
+            new = QuantizedEmbedding.from_embedding(child, own, g, dtype)
+        setattr(parent, attr, new)
+    if as_int8:
+        log.info("nanopali.quant: int4 groups of %d do not divide %d layers' widths; int8 for those: %s",
+                 group_size, len(as_int8), ", ".join(as_int8[:3]) + (", ..." if len(as_int8) > 3 else ""))
+    model.quantization = {"scheme": scheme, "group_size": group_size}
+    return model
+
+
+def quantized_skeleton(cfg, scheme: str, group_size: int | None = None, dtype=torch.bfloat16) -> nn.Module:
+    """A PaliGemma on the meta device with the quantized modules in place and no storage, to be filled
+    tensor by tensor (state_dict names and shapes say what is expected) or by load_state_dict(assign=True)."""
+    from ..model import PaliGemma
+
+    with torch.device("meta"):
+        model = PaliGemma(cfg).to(dtype)
+        return quantize_model(model, scheme, group_size, dtype)
+
+
+def quantizing_place(model: nn.Module, scheme: str, group_size: int | None = None, dtype=None):
+    """A `place` for the strict loader (formats/strict.py) that quantizes while loading: each weight to
+    be quantized is assigned, then its module is swapped at once for the quantized one, so the float
+    weight is dropped before the next tensor is read. Peak memory: the quantized model plus one tensor.
+    The float model (on the meta device) keeps its names for the strict checks and error messages."""
+    from ..formats.strict import assign
+
+    group_size = check_scheme(scheme, group_size)
+    where = {f"{name}.weight": (parent, attr) for parent, attr, _, name in targets(model)}
+
+    def place(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        assign(model, name, tensor)
+        if name in where:
+            parent, attr = where[name]
+            child = getattr(parent, attr)
+            own = layer_scheme(scheme, child.weight.shape[1], group_size)
+            g = group_size if own == "int4" else None
+            new = (QuantizedLinear.from_linear(child, own, g, dtype) if isinstance(child, nn.Linear)
+                   else QuantizedEmbedding.from_embedding(child, own, g, dtype))
+            setattr(parent, attr, new)
+
+    model.quantization = {"scheme": scheme, "group_size": group_size}
+    return place
+
+
+def save_quantized(model: nn.Module, out_dir: str, tokenizer_path: str | None = None) -> None:
+    """config.json (with "quantization") + model.safetensors (scheme in its metadata), written atomically.
+    nanopali.save_checkpoint calls this for a quantized model; nanopali.load reads it back."""
+    from safetensors.torch import save_file
+
+    from ..config import to_hf_config
+    from ..formats.files import atomic_write
+
+    quant = getattr(model, "quantization", None)
+    if quant is None:
+        raise ValueError("save_quantized: the model is not quantized; call quantize_model first")
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+    meta = {"format": "pt", "quantization": json.dumps(quant)}
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(tensors, tmp, meta))
+    cfg = json.dumps({**to_hf_config(model.cfg), "quantization": quant}, indent=2)
+    atomic_write(os.path.join(out_dir, "config.json"), lambda tmp: open(tmp, "w").write(cfg))
+    if tokenizer_path is not None and os.path.abspath(tokenizer_path) != os.path.abspath(
+            os.path.join(out_dir, "tokenizer.model")):
+        data = open(tokenizer_path, "rb").read()
+        atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda tmp: open(tmp, "wb").write(data))

@@ -1,0 +1,274 @@
+"""Weight-only int8 / int4 quantization: the math, torch's packed kernels, and two drop-in modules.
+
+Not part of the PaliGemma papers: an inference option that shrinks the weights read at every decode
+step (the decoder's Linears and the 257,216 x 2304 tied LM head) by 2x (int8) or ~4x (int4).
+Activations stay in the model dtype; only weights are stored as integers.
+  int8: per output row, symmetric, w ≈ q·s, q ∈ [-127, 127] (gpt-fast `WeightOnlyInt8QuantHandler`).
+  int4: per group of G input columns, asymmetric, w ≈ (q - 8)·s + z, q ∈ [0, 15] (gpt-fast
+        `WeightOnlyInt4QuantHandler`, torch's `_group_quantize_tensor` test helper): the convention
+        torch's int4 kernels read, so the stored s and z go to them unchanged.
+Each module has a reference path (dequantize, then F.linear) and a fast path through torch's own
+kernels; a kernel this torch build or device lacks falls back to the reference with one log line.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Letters: N output features (rows of W), K input features, G int4 group size, M activation rows;
+# for the embedding E (V, D): V vocab = N, D width = K.
+
+log = logging.getLogger("nanopali")
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept (tinygemm's tile sizes)
+
+# Rows up to which x · Wᵀ goes through the packed kernel (decoding); past them, dequantize + dense GEMM
+# (prefill). The kernels are GEMV-class: their cost grows ~linearly in rows (~90 GFLOP/s past 16 rows),
+# while the dense path pays one dequantization (DENSE_CHUNK at a time) and then runs at bf16 GEMM speed.
+# Measured, torch 2.13, 2-core AVX-512/AMX CPU, bf16 activations, a 2304x9216 layer (out x in), ms;
+# 9216x2304 agrees within noise:
+#   rows              1     4    16    32    64   128   256
+#   bf16 F.linear   1.7   1.2   1.4   1.6   2.4   3.2   5.3
+#   int8 kernel     0.56  0.97  3.7   9.1  14.9  29.4  59.6
+#   int8 dense      6.7   6.6   6.5   8.0   9.1  10.4  13.9
+#   int4 kernel     0.52  1.16  3.8   7.7  15.1  31.5  61.9
+#   int4 dense     17.9  17.7  17.4  17.6  19.7  23.0  25.8
+# int8 crosses over at ~24-32 rows, int4 (slower to dequantize: unpack, then scale and shift) at ~80-100.
+DECODE_MAX_ROWS = {"int8": 24, "int4": 80}
+
+# The dense path dequantizes at most this many weights at a time: the 257,216-row LM head never needs a
+# full float copy (0.6 G weights = 1.2 GB in bf16), and an 8 MB bf16 chunk is reused by the allocator
+# where a fresh 40 MB one costs page faults (int8 dense, 64 rows: 11 ms with 2^22, 35 ms with 2^24).
+DENSE_CHUNK = 1 << 22
+
+
+# ---- the math (plain PyTorch: the reference every kernel is tested against) ----
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) → q int8 (N, K), s (N,) in `dtype` (default w's). -128 is left unused so that the grid is
+    symmetric about 0 (q and -q both exist). q is rounded against s as stored, so the error bound
+    |w - q·s| ≤ s/2 holds for the s the kernels will read."""
+    dtype = dtype or w.dtype
+    w = w.float()
+    s = (w.abs().amax(1) / 127).clamp(min=1e-12).to(dtype)                     # (N,)
+    q = (w / s.float()[:, None]).round().clamp(-127, 127).to(torch.int8)        # (N, K)
+    return q, s
+
+
+def dequantize_int8(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q.to(dtype) * s.to(dtype)[:, None]                                   # (N, K)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype | None = None):
+    """w (N, K) → (nibbles uint8 (N, K/2), s (N, K/G), z (N, K/G)), s and z in `dtype` (default w's).
+
+    Per group: s = (max - min) / 15, z = min + 8·s, q = round((w - (z - 8·s)) / s) ∈ [0, 15] with s, z as
+    stored, so that w ≈ (q - 8)·s + z within s/2. Two q per byte, even column in the high nibble: the
+    portable layout that torch's CUDA packer `_convert_weight_to_int4pack` takes as input."""
+    N, K = w.shape
+    check_int4_shape(K, group_size)
+    dtype = dtype or w.dtype
+    g = w.float().reshape(N, K // group_size, group_size)                      # (N, K/G, G)
+    lo, hi = g.amin(-1), g.amax(-1)
+    s = ((hi - lo) / 15).clamp(min=1e-6).to(dtype)                             # (N, K/G)
+    z = (lo + 8 * s.float()).to(dtype)
+    q = ((g - (z.float() - 8 * s.float())[..., None]) / s.float()[..., None]).round().clamp(0, 15)
+    return pack_nibbles(q.reshape(N, K).to(torch.uint8)), s, z
+
+
+def dequantize_int4(nibbles: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    N, groups = s.shape
+    q = unpack_nibbles(nibbles).view(N, groups, -1).to(dtype)                  # (N, K/G, G)
+    w = (q - 8) * s.to(dtype)[..., None] + z.to(dtype)[..., None]
+    return w.view(N, -1)                                                        # (N, K)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    return (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)                     # (N, K/2)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack((p >> 4, p & 15), -1).view(p.shape[0], -1)             # (N, K) uint8 in [0, 15]
+
+
+def check_int4_shape(K: int, group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES} (torch's int4 kernels), got {group_size}")
+    if K % group_size:
+        raise ValueError(f"int4 groups of {group_size} do not divide the input width {K}")
+
+
+# ---- torch's kernels, with one fallback ----
+
+_MISSING: set = set()
+
+
+def _try_kernel(name: str, x: torch.Tensor, fn):
+    """fn() through a torch kernel, or None (→ the reference path) where this build/device lacks it.
+    Logged once per (kernel, device type, dtype); any later call goes straight to the reference."""
+    key = (name, x.device.type, x.dtype)
+    if key in _MISSING:
+        return None
+    try:
+        return fn()
+    except (RuntimeError, NotImplementedError, AttributeError) as e:
+        _MISSING.add(key)
+        log.info("nanopali.quant: no %s for %s %s in torch %s (%s); dequantizing instead",
+                 name, x.device.type, x.dtype, torch.__version__, str(e).splitlines()[0][:120])
+        return None
+
+
+def _int4_pack(nibbles: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype):
+    """The kernel's packed weight and its (K/G, N, 2) table of [scale, zero], for this device."""
+    K = nibbles.shape[1] * 2
+    sz = torch.stack((s, z), -1).transpose(0, 1).contiguous().to(dtype)        # (K/G, N, 2)
+    if nibbles.device.type == "cpu":   # the CPU packer takes one int32 per weight; its layout is ISA-specific
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles).to(torch.int32), 2)
+    else:                              # tinygemm tiles: inner K tiles of 16, as many as divide K
+        tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), tiles)
+    return packed, sz
+
+
+class QuantizedWeight(nn.Module):
+    """What QuantizedLinear and QuantizedEmbedding share: a weight (N, K) held as buffers
+    qweight + scale (+ zero for int4), its dequantization, and x · Wᵀ by the fast or the dense path.
+
+    The buffers are the portable form a checkpoint stores. int4's fast path also keeps the kernel's packed
+    copy per (device, dtype), built on first use: another 0.5 byte a weight, so an int4 model that decodes
+    holds ~1 byte a weight (int8: 1 byte, the kernel reads qweight as it is), still half of bf16."""
+
+    def _init_buffers(self, scheme: str, group_size: int | None, buffers: dict) -> None:
+        self.scheme, self.group_size = scheme, group_size
+        N, k = buffers["qweight"].shape
+        self.out_features, self.in_features = N, k * 2 if scheme == "int4" else k   # int4: two per byte
+        for name, t in buffers.items():
+            self.register_buffer(name, t)
+        self._packed = {}   # (device, dtype) → the int4 kernel's packed copy, built on first use
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype the weight dequantizes to (the model's)."""
+        return self.scale.dtype
+
+    def dequantize(self, rows: slice | torch.Tensor = slice(None), dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight (or some of its rows): (N, K) in the model dtype."""
+        dtype = dtype or self.dtype
+        if self.scheme == "int8":
+            return dequantize_int8(self.qweight[rows], self.scale[rows], dtype)
+        return dequantize_int4(self.qweight[rows], self.scale[rows], self.zero[rows], dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (N, K) weight, for code written against nn.Linear / nn.Embedding. It
+        materialises the whole float matrix; the forward paths never call it."""
+        return self.dequantize()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) → x · Wᵀ (..., N), in x's dtype."""
+        x2 = x.reshape(-1, x.shape[-1])                                         # (M, K)
+        y = self._fast(x2) if x2.shape[0] <= DECODE_MAX_ROWS[self.scheme] else None
+        if y is None:
+            y = self._dense(x2)
+        return y.view(*x.shape[:-1], -1)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        step = max(1, DENSE_CHUNK // self.in_features)
+        if step >= self.out_features:
+            return F.linear(x, self.dequantize(dtype=x.dtype))
+        return torch.cat([F.linear(x, self.dequantize(slice(n, n + step), x.dtype))
+                          for n in range(0, self.out_features, step)], -1)     # (M, N)
+
+    def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.scheme == "int8":   # (x · qᵀ) · s; the scales must come in x's dtype
+            return _try_kernel("_weight_int8pack_mm", x, lambda: torch.ops.aten._weight_int8pack_mm(
+                x.contiguous(), self.qweight, self.scale.to(x.dtype)))
+        if self.out_features % (16 if x.device.type == "cpu" else 8):
+            return None     # the int4 packers' tile width (no real PaliGemma layer): dense path
+        if x.device.type == "cpu":
+            return _try_kernel("_weight_int4pack_mm_for_cpu", x, lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.contiguous(), *self._int4_packed(x.dtype)))
+        return _try_kernel("_weight_int4pack_mm", x, lambda: torch.ops.aten._weight_int4pack_mm(
+            x.contiguous(), *self._int4_packed(x.dtype)))
+
+    def _int4_packed(self, dtype: torch.dtype):
+        key = (self.qweight.device, dtype)
+        if key not in self._packed:
+            self._packed[key] = _int4_pack(self.qweight, self.scale, self.zero, dtype)
+        packed, sz = self._packed[key]
+        return packed, self.group_size, sz
+
+    def _apply(self, fn, recurse=True):
+        self._packed = {}   # a move or cast invalidates the packed copies
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{g}, dtype={self.dtype}"
+
+
+def quantize_weight(w: torch.Tensor, scheme: str, group_size: int | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One float weight (N, K) → the buffers a quantized module holds: {"qweight", "scale"[, "zero"]}.
+    A loader can call this tensor by tensor, never holding the full-precision model."""
+    if scheme == "int8":
+        q, s = quantize_int8(w, dtype)
+        return {"qweight": q, "scale": s}
+    if scheme == "int4":
+        q, s, z = quantize_int4(w, group_size, dtype)
+        return {"qweight": q, "scale": s, "zero": z}
+    raise ValueError(f"Unknown quantization scheme {scheme!r}; known: 'int8', 'int4'")
+
+
+class QuantizedLinear(QuantizedWeight):
+    """Drop-in for nn.Linear: y = x · Wᵀ + b with W held as int8 or int4 buffers (b stays float)."""
+
+    def __init__(self, buffers: dict[str, torch.Tensor], scheme: str, group_size: int | None = None,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self._init_buffers(scheme, group_size, buffers)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None = None, dtype=None):
+        w = linear.weight.detach()
+        b = None if linear.bias is None else linear.bias.detach().to(dtype or w.dtype)
+        return cls(quantize_weight(w, scheme, group_size, dtype), scheme, group_size, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class QuantizedEmbedding(QuantizedWeight):
+    """Drop-in for gemma.TiedEmbedding: E (V, D) quantized along D, read as rows and as the LM head."""
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, scheme: str, group_size: int | None = None, dtype=None):
+        return cls(quantize_weight(emb.weight.detach(), scheme, group_size, dtype), scheme, group_size)
+
+    def __init__(self, buffers: dict[str, torch.Tensor], scheme: str, group_size: int | None = None):
+        super().__init__()
+        self._init_buffers(scheme, group_size, buffers)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...) → rows (..., D), dequantizing only the rows looked up."""
+        return self.dequantize(ids.reshape(-1)).view(*ids.shape, -1)
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        return self.matmul(h)                                                   # (..., V)
