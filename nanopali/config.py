@@ -1,7 +1,7 @@
 """PaliGemma configuration: one dataclass that holds the two towers' configs, and named presets.
 
 Every released variant has a preset: `pg1-3b-{224,448,896}` and `pg2-{3b,10b,28b}-{224,448,896}`
-(numbers: spec §1.2, PaliGemma 2 paper Table 1). `from_hf_config` reads a checkpoint's config.json,
+(numbers: docs/variants.md#decoder-sizes, PaliGemma 2 paper Table 1). `from_hf_config` reads a checkpoint's config.json,
 filling omitted fields with the defaults transformers fills (2024-era hub files omit every default).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .vit import SigLIPConfig
 class PaliGemmaConfig:
     vision: SigLIPConfig = field(default_factory=SigLIPConfig)
     text: GemmaConfig = field(default_factory=GemmaConfig)
-    image_token_id: int = 257152   # `<image>`: not in tokenizer.model; = its vocab size (spec §3.1)
+    image_token_id: int = 257152   # `<image>`: not in tokenizer.model; = its vocab size (docs/files.md#token-ids)
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: int = 1
@@ -51,7 +51,7 @@ _DECODERS = {
     "pg1-3b": GemmaConfig(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1, head_dim=256),
     "pg2-3b": _gemma2(2304, 26, 9216, 8, 4, 256, 256),
     "pg2-10b": _gemma2(3584, 42, 14336, 16, 8, 256, 256),
-    # 28B: head_dim 128 but the scale is (D / N)^-½ = 144^-½ (spec §1.2, §7 #8).
+    # 28B: head_dim 128 but the scale is (D / N)^-½ = 144^-½ (docs/variants.md#decoder-sizes, docs/disagreements.md #8).
     "pg2-28b": _gemma2(4608, 46, 36864, 32, 16, 128, 144),
 }
 

@@ -4,7 +4,7 @@ Both are pre-norm decoders with RoPE, GeGLU MLPs, RMSNorm with (1 + w) weights, 
 embedding tied to the LM head. Gemma 2 adds (all switched by config fields, so one class serves both):
   - a norm after attention and after the MLP as well as before (four norms per block);
   - attention-logit soft-capping c·tanh(s/c), c = 50, and final-logit soft-capping, c = 30;
-  - attention scale query_pre_attn_scalar^-½ (= head_dim^-½ except the 28B: 144, spec §1.2);
+  - attention scale query_pre_attn_scalar^-½ (= head_dim^-½ except the 28B: 144, docs/variants.md#decoder-sizes);
   - a 4096-token sliding window on even layers (transformers' `layer_types`; big_vision ignores it).
 References: transformers `modeling_gemma.GemmaDecoderLayer`, `modeling_gemma2.Gemma2DecoderLayer`;
 big_vision `models/ppp/gemma.py`.
@@ -39,12 +39,14 @@ class GemmaConfig:
     query_pre_attn_scalar: float | None = None  # None: scale by head_dim^-½
     attn_softcap: float | None = None
     final_softcap: float | None = None
-    """Final-logit soft-cap c·tanh(logits/c); None = off (spec §7 #7). transformers: 30.0 from a PaliGemma 2
-    config.json (the default here, and big_vision's model default); big_vision's transfer configs
-    (forkme.py, the fine-tuning notebook) set `final_logits_softcap=0.0`, i.e. off: set None for that."""
+    """Final-logit soft-cap c·tanh(logits/c); None = off (docs/disagreements.md #7). transformers: 30.0
+    from a PaliGemma 2 config.json (the default here, and big_vision's model default); big_vision's
+    transfer configs (forkme.py, the fine-tuning notebook) set `final_logits_softcap=0.0`, i.e. off: set
+    None for that."""
     sliding_window: int | None = None
-    """Keys a suffix query sees on "sliding_attention" layers; None = full attention (spec §7 #5, #6).
-    transformers: 4096 on PaliGemma 2's even layers (the default here); the prefix is never windowed.
+    """Keys a suffix query sees on "sliding_attention" layers; None = full attention
+    (docs/disagreements.md #5, #6). transformers: 4096 on PaliGemma 2's even layers (the default here);
+    the prefix is never windowed.
     big_vision: not implemented ("we mostly use sequences <4096"): set None for that. Only differs when a
     suffix token is ≥ 4096 tokens after a key, i.e. PaliGemma 2 at 896 px (4096 image tokens)."""
     layer_types: tuple[str, ...] = ()         # "sliding_attention" / "full_attention" per layer
@@ -76,7 +78,7 @@ class RMSNorm(nn.Module):
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding, split-half form (rotate_half). x (B, N, T, H), positions (B, T).
 
-    Angles in float32; cos/sin cast to x's dtype before rotating, as transformers does (spec §7 #12)."""
+    Angles in float32; cos/sin cast to x's dtype before rotating, as transformers does (docs/disagreements.md #12)."""
     H = x.shape[-1]
     inv_freq = 1.0 / theta ** (torch.arange(0, H, 2, device=x.device, dtype=torch.float32) / H)  # (H/2,)
     ang = positions.float()[..., None] * inv_freq                                 # (B, T, H/2)

@@ -1,8 +1,9 @@
 """Inputs: images → pixel values, text → token ids in PaliGemma's layout (PaliGemma paper §3.2).
 
-Image (spec §4, transformers `SiglipImageProcessorPil`): any PIL mode → RGB (transparency composited
-onto white) → squash to S×S with PIL bicubic on uint8 → ×1/255 (float64, then float32) → (x-0.5)/0.5.
-Text (spec §2.1, §10): [<image>]×P·n [BOS] sp(prompt + "\\n") | sp(suffix) [EOS], rows left-padded
+Image (docs/files.md#image-preprocessing, transformers `SiglipImageProcessorPil`): any PIL mode → RGB
+(transparency composited onto white) → squash to S×S with PIL bicubic on uint8 → ×1/255 (float64, then
+float32) → (x-0.5)/0.5.
+Text (docs/sequence.md#token-layout): [<image>]×P·n [BOS] sp(prompt + "\\n") | sp(suffix) [EOS], rows left-padded
 with <pad> (transformers' tokenizer pads on the left), token_type_ids 1 on suffix + EOS.
 The tokenizer is the checkpoint's own `tokenizer.model`, read with sentencepiece (no transformers).
 Two of big_vision's differences are switches, defaulting to transformers: `Processor.image_resize`
@@ -113,7 +114,7 @@ class Processor:
     """Turns images and prompts into the tensors `PaliGemma.forward` takes, and ids back into text."""
 
     image_resize: str = "bicubic"
-    """How an image is squashed to S×S (spec §4, §7 #3).
+    """How an image is squashed to S×S (docs/files.md#image-preprocessing, docs/disagreements.md #3).
     "bicubic" (default): transformers (PIL bicubic on uint8, its PIL backend bit for bit).
     "bilinear": big_vision's pp `resize(S)` (bilinear, antialias=False, the pp default), clipped and cast back
       to uint8 (a truncation), then `value_range(-1, 1)`. Emulated with torch's bilinear interpolate, whose
@@ -122,7 +123,7 @@ class Processor:
       bilinear (a triangle filter widened by the scale, as TF's); not compared bit for bit with TensorFlow.
     Colour conversion is transformers' in every mode (alpha over white; big_vision's decoder drops alpha)."""
     separator: str = "joint"
-    """How the "\\n" ending the prefix is tokenized (spec §2.6, §7 #4).
+    """How the "\\n" ending the prefix is tokenized (docs/sequence.md#separator, docs/disagreements.md #4).
     "joint" (default): transformers, sp.encode(prompt + "\\n").
     "separate": big_vision, sp.encode(prompt) + sp.encode("\\n").
     They differ only where SentencePiece merges the "\\n" into the prompt's tail, e.g. a prompt that already
@@ -154,7 +155,7 @@ class Processor:
 
     def _first_id(self, fmt: str, count: int) -> int | None:
         """Id of <loc0000> / <seg000>; None if the tokenizer lacks them. The rest must follow
-        consecutively (spec §3.1), which is what lets `loc_token_id` be an addition."""
+        consecutively (docs/files.md#token-ids), which is what lets `loc_token_id` be an addition."""
         first = self.sp.piece_to_id(fmt.format(0))
         if first == self.sp.unk_id():
             return None
@@ -176,7 +177,7 @@ class Processor:
         return [self.image_token_id] * (self.num_image_tokens * num_images) + [self.bos_id] + text
 
     def suffix_ids(self, suffix: str) -> list[int]:
-        """No BOS, no dummy-prefix space, not glued to the "\\n" (spec §2.1: suffix "beach" → 54901)."""
+        """No BOS, no dummy-prefix space, not glued to the "\\n" (docs/sequence.md#token-layout: "beach" → 54901)."""
         return self.sp.encode(suffix) + [self.eos_id]
 
     def __call__(self, images: Sequence, prompts: Sequence[str], suffixes: Sequence[str] | None = None,
@@ -222,8 +223,9 @@ class Processor:
     def decode(self, ids) -> str:
         """Text of generated ids, dropping <pad>/<bos>/<eos>/<image> (keeps <loc>/<seg>, as transformers).
 
-        Ids past the tokenizer (`<image>` and the 64 padding rows of the 257216-row embedding, spec
-        §1.3) have no text and are dropped too; a sampled answer can contain them."""
+        Ids past the tokenizer (`<image>` and the 64 padding rows of the 257216-row embedding,
+        docs/variants.md#vocabulary-size) have no text and are dropped too; a sampled answer can contain
+        them."""
         special = (self.pad_id, self.bos_id, self.eos_id, self.image_token_id)
         n = self.sp.get_piece_size()
         ids = [int(i) for i in ids if int(i) not in special and 0 <= int(i) < n]

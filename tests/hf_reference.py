@@ -4,7 +4,8 @@ Parity tests compare nanopali with `transformers.PaliGemmaForConditionalGenerati
 made here, so they need no network and no 3B download. Every checkpoint is a real HF directory
 (config.json, safetensors, tokenizer, preprocessor_config.json) that nanopali must load exactly as it
 would load one from the hub; the weights can be written in each of the three key layouts in
-circulation (spec §5.1, §10). Facts each fixture relies on are pinned by tests/test_reference_fixtures.py.
+circulation (docs/checkpoints.md#key-layouts). Facts each fixture relies on are pinned by
+tests/test_reference_fixtures.py.
 
 Shapes: B batch, T sequence length, V text vocabulary (rows of the embedding, = logits columns).
 """
@@ -27,8 +28,8 @@ SP_BASE_SIZE = 600  # learned BPE pieces incl. the 4 specials, <mask>, "\n" and 
 LOC_TOKENS = [f"<loc{i:04d}>" for i in range(1024)]
 SEG_TOKENS = [f"<seg{i:03d}>" for i in range(128)]
 SP_VOCAB_SIZE = SP_BASE_SIZE + len(LOC_TOKENS) + len(SEG_TOKENS)  # 1752
-IMAGE_TOKEN_ID = SP_VOCAB_SIZE  # `<image>` is not in tokenizer.model: the processor appends it (spec §3.1)
-TEXT_VOCAB_SIZE = SP_VOCAB_SIZE + 64  # released checkpoints pad the embedding by 64 rows (spec §1.3)
+IMAGE_TOKEN_ID = SP_VOCAB_SIZE  # `<image>`: not in tokenizer.model, the processor appends it (docs/files.md#token-ids)
+TEXT_VOCAB_SIZE = SP_VOCAB_SIZE + 64  # released checkpoints add 64 padding rows (docs/variants.md#vocabulary-size)
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 LAYOUTS = ("hub", "transformers", "save")
 
@@ -129,7 +130,8 @@ def _perturb_(model, seed):
     short, r = 2.4/sqrt(D), the blocks dominate the residual stream, and the final norm's scale 2/r brings
     logits back to std ~2 (max ~10: clear argmax margins, well inside the 30 soft-cap).
     Rows past the SentencePiece vocab (<image> and the padding rows) sit at the mean row, as the PaliGemma
-    converter made them (spec §1.3), so greedy decoding never emits an id the tokenizer cannot decode.
+    converter made them (docs/variants.md#vocabulary-size), so greedy decoding never emits an id the
+    tokenizer cannot decode.
     """
     g = torch.Generator().manual_seed(seed)
     d = model.config.text_config.hidden_size
@@ -151,7 +153,7 @@ def _perturb_(model, seed):
 
 
 def _layout_state_dict(model, layout):
-    """In-memory names (model.*, lm_head.weight) -> the requested on-disk key layout (spec §5.1, §10)."""
+    """In-memory names (model.*, lm_head.weight) -> the requested on-disk layout (docs/checkpoints.md#key-layouts)."""
     renames = {
         "hub": [("model.language_model.", "language_model.model."),
                 ("model.vision_tower.", "vision_tower.vision_model."),
@@ -266,7 +268,8 @@ def load_tf(out_dir):
     """(transformers model in eval mode, fp32, eager attention; its processor on the PIL image backend).
 
     Eager everywhere: PG2 text defaults to it anyway, and transformers' SDPA path ignores the soft-cap.
-    backend="pil": with torchvision installed AutoProcessor would switch to torchvision's resize (spec §4).
+    backend="pil": with torchvision installed AutoProcessor would switch to torchvision's resize
+    (docs/files.md#image-preprocessing).
     It is given to the image processor alone: PaliGemmaProcessor.from_pretrained(..., backend="pil") also
     hands it to the tokenizer, overwriting its `backend` ("tokenizers") with "pil".
     Raises if transformers reports any missing, unexpected or mismatched key, so every fixture that loads
@@ -286,7 +289,8 @@ def load_tf(out_dir):
 @torch.no_grad()
 def tf_forward_logits(tf_model, tf_batch) -> torch.Tensor:
     """Logits (B, T, V) in fp32 for a processor batch. token_type_ids are required: without them
-    transformers builds a causal or fully bidirectional mask depending on the backend (spec §2.2)."""
+    transformers builds a causal or fully bidirectional mask depending on the backend
+    (docs/sequence.md#attention-mask)."""
     if "token_type_ids" not in tf_batch:
         raise ValueError("tf_batch has no token_type_ids: call the processor, which always returns them")
     out = tf_model(input_ids=tf_batch["input_ids"], pixel_values=tf_batch["pixel_values"],

@@ -1,11 +1,11 @@
-"""Loading big_vision `.npz` checkpoints directly (issue 8; spec §5.2, §5.3).
+"""Loading big_vision `.npz` checkpoints directly (issue 8; docs/checkpoints.md#big_vision-npz).
 
 A random tiny checkpoint is written in big_vision's layout (names, stacked layers, einsum shapes, bf16
-as `|V2`, optional `params/` prefix) from this file's own table of spec §5.3. It is converted to a
-Hugging Face directory by `convert_to_hf` below, written from the spec's "HF = f(npz)" column
-(transformers' former conversion script): transformers 5.23 no longer ships that script
-(`transformers/models/paligemma/` holds only the configuration, modeling and processing files), so it
-cannot be used here. The conversion is itself checked against the oracle: transformers loads the
+as `|V2`, optional `params/` prefix) from this file's own copy of docs/checkpoints.md#tensor-table. It
+is converted to a Hugging Face directory by `convert_to_hf` below, written from that table's
+"HF = f(npz)" column (transformers' former conversion script): transformers 5.23 no longer ships that
+script (`transformers/models/paligemma/` holds only the configuration, modeling and processing files),
+so it cannot be used here. The conversion is itself checked against the oracle: transformers loads the
 directory strictly and its logits match. Then nanopali's .npz loader must give the same logits as
 nanopali's (already transformers-checked) HF loader.
 """
@@ -37,7 +37,7 @@ ATT = ENC + "MultiHeadDotProductAttention_0/"
 
 
 def bv_shapes(generation, vision, text):
-    """Spec §5.3's `.npz` column: every array and its shape."""
+    """The `.npz` column of docs/checkpoints.md#tensor-table: every array and its shape."""
     W, Lv, Fv, Nv, p = vision["W"], vision["depth"], vision["F"], vision["N"], vision["p"]
     P, Hv = (vision["image"] // p) ** 2, W // Nv
     D, L, F, N, K, H, V = (text[k] for k in "DLFNKHV")
@@ -107,8 +107,8 @@ def save_npz(path, params, bf16=False, prefix="", compressed=False):
 
 
 def convert_to_hf(npz_path, out_dir, template_dir, generation):
-    """.npz → Hugging Face directory by spec §5.3's "HF = f(npz)" column. config.json, tokenizer and
-    processor files come from an hf_reference checkpoint of the same tiny sizes."""
+    """.npz → Hugging Face directory by the "HF = f(npz)" column of docs/checkpoints.md#tensor-table.
+    config.json, tokenizer and processor files come from an hf_reference checkpoint of the same tiny sizes."""
     with np.load(npz_path, allow_pickle=False) as z:
         a = {k.removeprefix("params/"): (from_bf16_void(z[k]) if z[k].dtype == np.dtype("V2") else z[k])
              for k in z.files}
@@ -150,7 +150,8 @@ def convert_to_hf(npz_path, out_dir, template_dir, generation):
         sd[p + "mlp.down_proj.weight"] = a["llm/layers/mlp/linear"][i].T
         for hf, bv in norms.items():
             sd[p + hf + ".weight"] = a[f"llm/layers/{bv}/scale"][i]
-    # <image> and 63 padding rows appended, near the mean row as the converter made them (spec §1.3).
+    # <image> and 63 padding rows appended, near the mean row as the converter made them
+    # (docs/variants.md#vocabulary-size).
     emb = a["llm/embedder/input_embedding"]
     extra = emb.mean(0) + 1e-3 * emb.std(0) * np.random.default_rng(1).standard_normal((64, D)).astype(np.float32)
     sd[lm + "embed_tokens.weight"] = np.concatenate([emb, extra])
@@ -210,7 +211,7 @@ def test_npz_and_its_hf_conversion_give_the_same_logits_and_match_transformers(c
     record_parity(f"npz-vs-hf-{case}", npz_vs_hf)
     record_parity(f"npz-vs-transformers-{case}", npz_vs_tf)
     assert npz_vs_hf <= 1e-5
-    assert npz_vs_tf <= 1e-4  # transformers' eager attention vs ours (spec §10: ~1e-5 noise floor)
+    assert npz_vs_tf <= 1e-4  # transformers eager vs ours, ~1e-5 noise (docs/checkpoints.md#what-transformers-does)
 
 
 def test_npz_saved_as_hugging_face_by_nanopali_loads_in_transformers(converted, tmp_path, test_images):
@@ -268,8 +269,8 @@ def test_layers_of_an_uncompressed_npz_are_read_one_slice_at_a_time(tmp_path, mo
 
 # ---- the variant: inferred from shapes, or checked against them ----
 
-RELEASED_VISION = dict(W=1152, depth=27, F=4304, N=16, p=14)  # spec §1.5
-RELEASED_TEXT = {  # spec §1.2: D, L, F, N, K, H; 257152 rows in the .npz
+RELEASED_VISION = dict(W=1152, depth=27, F=4304, N=16, p=14)  # docs/variants.md#vision-tower
+RELEASED_TEXT = {  # docs/variants.md#decoder-sizes: D, L, F, N, K, H; 257152 rows in the .npz
     "pg1-3b": dict(D=2048, L=18, F=16384, N=8, K=1, H=256, V=257152),
     "pg2-3b": dict(D=2304, L=26, F=9216, N=8, K=4, H=256, V=257152),
     "pg2-10b": dict(D=3584, L=42, F=14336, N=16, K=8, H=256, V=257152),
@@ -284,10 +285,10 @@ def test_variant_is_inferred_from_the_released_shapes(family, res):
     assert infer_variant(shapes) == f"{family}-{res}"
 
 
-def test_released_shape_table_agrees_with_the_spec_examples():
+def test_released_shape_table_agrees_with_the_documented_examples():
     pg1 = bv_shapes(1, dict(RELEASED_VISION, image=224), RELEASED_TEXT["pg1-3b"])
     pg2 = bv_shapes(2, dict(RELEASED_VISION, image=224), RELEASED_TEXT["pg2-3b"])
-    assert (len(pg1), len(pg2)) == (32, 34)  # spec §5.2
+    assert (len(pg1), len(pg2)) == (32, 34)  # docs/checkpoints.md#big_vision-npz
     assert pg1["llm/layers/attn/q_einsum/w"] == (18, 8, 2048, 256)
     assert pg2["llm/layers/attn/kv_einsum/w"] == (26, 2, 4, 2304, 256)
     assert pg2["llm/layers/mlp/gating_einsum"] == (26, 2, 2304, 9216)

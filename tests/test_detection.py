@@ -7,7 +7,8 @@ from nanopali.tasks.detection import PALETTE, bins_to_box, draw_detections, pars
 
 
 def test_known_answer_gives_exact_boxes_with_y_before_x():
-    # spec §6.1: <locY1><locX1><locY2><locX2>, 1024 bins; HF-blog decoding round(bin / 1024 * side)
+    # docs/boxes-and-masks.md#detection: <locY1><locX1><locY2><locX2>, 1024 bins;
+    # HF-blog decoding round(bin / 1024 * side)
     dets = parse_detections("<loc0256><loc0512><loc0768><loc1023> cat ; <loc0000><loc0000><loc0512><loc0512> dog",
                             width=200, height=100)
     assert [d.label for d in dets] == ["cat", "dog"]

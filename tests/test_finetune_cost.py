@@ -26,8 +26,9 @@ def test_flop_formula_matches_torchs_flop_counter(hf_checkpoint, generation, row
 
 @pytest.mark.parametrize("attention, measured_gib", [("sdpa", 36.6), ("eager", 38.9)])
 def test_memory_estimate_is_within_10_percent_of_transformers_measured_peak(attention, measured_gib):
-    """anchors.md: transformers, PaliGemma 2 3B, batch 8 x 288, bf16 weights and AdamW, H100. Its sdpa
-    with a mask runs PyTorch's memory-efficient kernel (no probabilities kept); eager keeps them."""
+    """docs/performance.md#training-on-one-h100: transformers, PaliGemma 2 3B, batch 8 x 288, bf16
+    weights and AdamW, H100. Its sdpa with a mask runs PyTorch's memory-efficient kernel (no
+    probabilities kept); eager keeps them."""
     est = estimate_memory(preset("pg2-3b-224"), "all", batch=8, seq_len=288, precision="bf16",
                           trainable_dtype="bf16", frozen_dtype="bf16", fused_attention=attention == "sdpa")
     assert abs(est.total / GiB - measured_gib) < 0.1 * measured_gib

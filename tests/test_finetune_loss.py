@@ -1,4 +1,4 @@
-"""The prefix-LM fine-tuning loss (spec §2.5) against transformers, and its two normalisations."""
+"""The prefix-LM fine-tuning loss (docs/sequence.md#loss) against transformers, and its two normalisations."""
 import copy
 
 import pytest

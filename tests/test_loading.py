@@ -1,8 +1,9 @@
-"""Presets, config.json parsing and checkpoint loading (issue 3; spec §1.2, §3.2, §5.1, §10).
+"""Presets, config.json parsing and checkpoint loading (issue 3).
 
-Numbers come from the spec, not from nanopali: tensor counts of the hub files (§5.1), parameter
-counts (§1.2, matched there against keras-hub), transformers' defaults for a 2024 hub config.json
-that omits them (§10), and transformers' own parsing of the same file.
+Numbers come from the docs, not from nanopali: tensor counts of the hub files
+(docs/checkpoints.md#key-layouts), parameter counts (docs/variants.md#parameter-counts, matched there
+against keras-hub), transformers' defaults for a 2024 hub config.json that omits them
+(docs/files.md#configjson), and transformers' own parsing of the same file.
 """
 import json
 import os
@@ -22,14 +23,15 @@ from nanopali.config import from_hf_config
 
 PRESET_NAMES = [f"{m}-{r}" for m in ("pg1-3b", "pg2-3b", "pg2-10b", "pg2-28b") for r in (224, 448, 896)]
 
-# spec §1.2: totals with 257152 embedding rows, and what the 64 padding rows of the HF files add.
+# docs/variants.md#parameter-counts: totals with 257152 embedding rows, and what the 64 padding rows
+# of the HF files add.
 PARAMS_257152 = {
     "pg1-3b": (2_923_335_408, 2_924_220_144, 2_927_759_088, 131_072),
     "pg2-3b": (3_032_094_960, 3_032_979_696, 3_036_518_640, 147_456),
     "pg2-10b": (9_662_409_456, 9_663_294_192, 9_666_833_136, 229_376),
     "pg2-28b": (27_650_192_112, 27_651_076_848, 27_654_615_792, 294_912),
 }
-HUB_TENSOR_COUNTS = {"pg1-3b": 603, "pg2-3b": 727, "pg2-10b": 903, "pg2-28b": 947}  # spec §5.1
+HUB_TENSOR_COUNTS = {"pg1-3b": 603, "pg2-3b": 727, "pg2-10b": 903, "pg2-28b": 947}  # docs/checkpoints.md#key-layouts
 
 
 def test_every_released_variant_has_a_preset():
@@ -37,7 +39,7 @@ def test_every_released_variant_has_a_preset():
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
-def test_preset_parameter_count_matches_the_spec(name):
+def test_preset_parameter_count_matches_the_published_count(name):
     with torch.device("meta"):
         model = nanopali.PaliGemma(nanopali.preset(name))
     *per_res, extra = PARAMS_257152[name.rsplit("-", 1)[0]]
@@ -46,18 +48,18 @@ def test_preset_parameter_count_matches_the_spec(name):
 
 
 @pytest.mark.parametrize("family", list(HUB_TENSOR_COUNTS))
-def test_hub_tensor_count_matches_the_spec(family):
+def test_hub_tensor_count_matches_the_released_files(family):
     names = hub_names(nanopali.preset(f"{family}-224"))
     assert len(names) == len(set(names)) == HUB_TENSOR_COUNTS[family]
 
 
-# ---- config.json as the 2024 hub files write it: every default omitted (spec §3.2, §10) ----
+# ---- config.json as the 2024 hub files write it: every default omitted (docs/files.md#configjson) ----
 
 HUB_CONFIG_PG1 = {
     "architectures": ["PaliGemmaForConditionalGeneration"], "bos_token_id": 2, "eos_token_id": 1,
     "hidden_size": 2048, "ignore_index": -100, "image_token_index": 257152, "model_type": "paligemma",
     "pad_token_id": 0, "projection_dim": 2048, "torch_dtype": "float32", "transformers_version": "4.41.0.dev0",
-    "vocab_size": 257152,  # stale top-level value: text_config is the truth (spec §10)
+    "vocab_size": 257152,  # stale top-level value: text_config is the truth (docs/files.md#configjson)
     "text_config": {"hidden_size": 2048, "intermediate_size": 16384, "model_type": "gemma",
                     "num_attention_heads": 8, "num_hidden_layers": 18, "num_image_tokens": 256,
                     "num_key_value_heads": 1, "torch_dtype": "float32", "vocab_size": 257216},

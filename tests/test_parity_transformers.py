@@ -1,4 +1,5 @@
-"""nanopali's logits equal transformers' PaliGemma / PaliGemma 2 logits (issue 3, spec §1, §2, §10).
+"""nanopali's logits equal transformers' PaliGemma / PaliGemma 2 logits (issue 3; docs/variants.md,
+docs/sequence.md, docs/checkpoints.md#what-transformers-does).
 
 Each case loads one checkpoint written by transformers (tests/hf_reference.py) into both libraries,
 runs each library's own processor on the same images and prompts, and compares fp32 logits at the
@@ -18,7 +19,7 @@ import torch
 from conftest import TINY_WINDOW
 from hf_reference import IMAGE_TOKEN_ID, tf_forward_logits
 
-TOLERANCE = 1e-4  # fp32; eager vs sdpa inside transformers alone differ by ~1.3e-5 (spec §10)
+TOLERANCE = 1e-4  # fp32; transformers' eager vs sdpa differ by ~1.3e-5 (docs/checkpoints.md#what-transformers-does)
 
 BATCHES = {
     # name: (image names, prompts, suffixes)

@@ -1,4 +1,4 @@
-"""The prefix-LM mask (PaliGemma paper §3.2; spec §2.2, §2.4, §2.5), against hand-computed small cases.
+"""The prefix-LM mask (PaliGemma paper §3.2; docs/sequence.md), against hand-computed small cases.
 
 Rows are [left pads][image + BOS + prompt + "\\n"][suffix + EOS]. The pictures below are written by
 hand: row = query, column = key, '#' = may attend. Both examples use two rows of 7 tokens:

@@ -1,4 +1,5 @@
-"""Our processor gives transformers' PaliGemmaProcessor's tensors (spec §2.1, §4, §10).
+"""Our processor gives transformers' PaliGemmaProcessor's tensors (docs/sequence.md#token-layout,
+docs/files.md#image-preprocessing, docs/checkpoints.md#what-transformers-does).
 
 Same images and prompts into both: input_ids, attention_mask, token_type_ids must be equal and
 pixel_values bit-identical (transformers on its PIL backend: RGB conversion with transparency over

@@ -79,7 +79,7 @@ def test_hf_tokenizer_ids_equal_sentencepiece_ids(checkpoints, tmp_path, source)
 
 
 def test_processor_row_is_image_bos_prompt_newline_suffix_eos(checkpoints):
-    """The contract nanopali's processing reproduces with raw sentencepiece (spec §2.1, §10)."""
+    """The contract nanopali's processing reproduces with raw sentencepiece (docs/sequence.md#token-layout)."""
     sp = spm.SentencePieceProcessor(model_file=os.path.join(checkpoints[1, "hub", False], "tokenizer.model"))
     processor = ref.load_tf(checkpoints[1, "hub", False])[1]
     for prompt, suffix in zip(PROMPTS, SUFFIXES * 2):
@@ -187,7 +187,7 @@ def test_no_tensor_is_left_at_an_init_constant(checkpoints, gen):
 
 
 def test_pg2_sliding_window_changes_suffix_logits_and_leaves_the_prefix_alone(checkpoints, tmp_path):
-    """Window 8 vs 4096, same weights; every suffix token sits past position 8 (spec §2.2, §10)."""
+    """Window 8 vs 4096, same weights; every suffix token sits past position 8 (docs/sequence.md#attention-mask)."""
     short = ref.load_tf(checkpoints[2, "hub", False])
     full = ref.load_tf(ref.make_hf_checkpoint(str(tmp_path), generation=2, sliding_window=4096))
     assert short[0].config.text_config.layer_types == ["sliding_attention", "full_attention"]

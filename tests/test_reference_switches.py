@@ -1,15 +1,15 @@
-"""The documented switches between transformers' and big_vision's behaviour (issue 8; spec §7).
+"""The documented switches between transformers' and big_vision's behaviour (issue 8; docs/disagreements.md).
 
 Each switch defaults to transformers' behaviour; each test shows the default matching transformers,
 the big_vision setting matching what big_vision does (transformers run the big_vision way where it can
 be, a hand-computed case where it cannot), and the two differing exactly where they should.
 
-| switch                               | transformers (default) | big_vision            | spec      |
-| PaliGemmaConfig.position_base        | 1                      | 0                     | §7 #1     |
-| Processor.image_resize               | "bicubic"              | "bilinear"(_antialias)| §4, §7 #3 |
-| Processor.separator                  | "joint"                | "separate"            | §2.6, §7 #4 |
-| GemmaConfig.sliding_window           | 4096 (PaliGemma 2)     | None                  | §7 #5, #6 |
-| GemmaConfig.final_softcap            | 30.0 (PaliGemma 2)     | None (transfer configs) | §7 #7   |
+| switch                               | transformers (default) | big_vision              | disagreements.md |
+| PaliGemmaConfig.position_base        | 1                      | 0                       | #1               |
+| Processor.image_resize               | "bicubic"              | "bilinear"(_antialias)  | #3               |
+| Processor.separator                  | "joint"                | "separate"              | #4               |
+| GemmaConfig.sliding_window           | 4096 (PaliGemma 2)     | None                    | #5, #6           |
+| GemmaConfig.final_softcap            | 30.0 (PaliGemma 2)     | None (transfer configs) | #7               |
 """
 import math
 from dataclasses import replace

@@ -1,11 +1,11 @@
-"""`<seg>` answers → masks (issue 8; spec §6.2-6.4).
+"""`<seg>` answers → masks (issue 8; docs/boxes-and-masks.md).
 
 The decoder is checked against a NumPy computation of big_vision's flax `Decoder` straight from the
 .npz arrays: the kernels transposed to HWIO as big_vision's `_get_params` does, NHWC convolutions, and
 `ConvTranspose(transpose_kernel=True, padding=2)` written out as jax's `conv_transpose` defines it
 (stride-dilated input, explicit padding, spatially flipped kernel with in/out swapped). So the torch
 layout (no transposes, ConvTranspose2d padding 1) is proved, not assumed. The file is random, with the
-published key names and shapes (spec §6.3).
+published key names and shapes (docs/boxes-and-masks.md#mask-decoder).
 """
 import importlib.util
 import json
@@ -22,8 +22,8 @@ from nanopali.tasks.detection import PALETTE
 from nanopali.tasks.segmentation import (MaskDecoder, Segmentation, draw_segmentations, mask_to_rle, parse_segments,
                                    paste_mask, segment)
 
-CODE_DIM = 512  # spec §6.3 (from a third-party port): read from the codebook, not assumed by the loader
-DECODER_SHAPES = {  # spec §6.3, PyTorch layouts: Conv (out, in, kh, kw), ConvTranspose (in, out, kh, kw)
+CODE_DIM = 512  # docs/boxes-and-masks.md#mask-decoder, from a third-party port; the loader reads it from the codebook
+DECODER_SHAPES = {  # docs/boxes-and-masks.md#mask-decoder: Conv (out, in, kh, kw), ConvTranspose (in, out, kh, kw)
     "_vq_vae._embedding": (128, CODE_DIM),
     "decoder.0.weight": (128, CODE_DIM, 1, 1), "decoder.0.bias": (128,),
     **{f"decoder.{b}.net.{c}.{p}": ((128, 128, k, k) if p == "weight" else (128,))
@@ -197,7 +197,7 @@ def test_malformed_object_is_skipped_and_the_next_one_kept(bad):
 # ---- pasting the 64×64 mask into the box ----
 
 def _box(bins, width, height):
-    """The evaluator's box (spec §6.4): int(bin / 1023 · side)."""
+    """The evaluator's box (docs/boxes-and-masks.md#pasting-a-mask): int(bin / 1023 · side)."""
     y0, x0, y1, x1 = bins
     return int(x0 / 1023 * width), int(y0 / 1023 * height), int(x1 / 1023 * width), int(y1 / 1023 * height)
 

@@ -8,10 +8,11 @@ per key tile accumulates dK, dV over all query tiles and all G query heads shari
 GQA needs neither repeated K/V nor atomics), a second kernel per query tile accumulates dQ.
 
 Why by hand: SDPA has no soft-cap, its flash backend takes no arbitrary mask, and FlexAttention
-evaluates the mask and score_mod per element (../../shared/anchors.md has the numbers). Here the whole
-mask of a row is two integers (start, prefix_end) plus the window, so a few scalar comparisons
-classify every (query tile, key tile) pair: tiles nobody may read are never loaded, tiles every query
-of the tile may read skip the mask, and only the boundary tiles evaluate the rule element by element.
+evaluates the mask and score_mod per element (docs/performance.md#attention-alone has the numbers).
+Here the whole mask of a row is two integers (start, prefix_end) plus the window, so a few scalar
+comparisons classify every (query tile, key tile) pair: tiles nobody may read are never loaded, tiles
+every query of the tile may read skip the mask, and only the boundary tiles evaluate the rule element
+by element.
 """
 import os
 

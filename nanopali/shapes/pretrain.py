@@ -47,7 +47,7 @@ def tiny_config(tokenizer_path: str) -> PaliGemmaConfig:
     14 px patches (16 image tokens). The window of 24 keys is shorter than every detection sequence
     (16 image tokens + BOS + prompt + \\n + one box ≥ 27), so it bites as PaliGemma 2's 4096 does only
     at 896 px. Vocabulary: the tokenizer's pieces, `<image>` right after them and 64 padding rows, as
-    PaliGemma's 257152 + 64 (spec §3.1)."""
+    PaliGemma's 257152 + 64 (docs/files.md#token-ids)."""
     pieces = spm.SentencePieceProcessor(model_file=tokenizer_path).get_piece_size()
     text = GemmaConfig(vocab_size=pieces + 64, width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=2,
                        head_dim=32, query_pre_attn_scalar=32, post_norms=True, attn_softcap=50.0,

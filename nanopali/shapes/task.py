@@ -3,12 +3,12 @@
 Every scene is drawn from one integer seed: 1-4 circles, squares or triangles of five colours, small
 (one cell) or large (2x2 cells) on a GRID x GRID lattice, on a plain or noisy grey background
 (make_scene). Because the generator knows every shape, it also knows the exact answer to each of
-PaliGemma's task prefixes (paper §3.2, spec §8):
+PaliGemma's task prefixes (paper §3.2, docs/sequence.md#prompts):
 
     caption en                          a red circle and two blue squares      (canonical order)
     count shapes                        3
     answer en what color is the circle? red                 (asked only when there is one circle)
-    detect circle ; square              <loc..><loc..><loc..><loc..> circle ; ...   (spec §6.1)
+    detect circle ; square              <loc..><loc..><loc..><loc..> circle ; ...   (docs/boxes-and-masks.md#detection)
 
 It is the task of the tiny model bundled in nanopali/assets/tiny-shapes; this file also holds the
 task's tokenizer (`train_tokenizer`) and the held-out metrics (`evaluate`). Regenerate the data,
@@ -147,7 +147,7 @@ def loc_bin(coord: float, side: int) -> int:
     """Pixel coordinate → one of 1024 bins, the inverse of detection.py's decoding round(bin/1024·side):
     decoding gives the pixel back exactly, except at the far edge (bin 1023 decodes to side·1023/1024,
     under one pixel short for side ≤ 1024). big_vision encodes round(coord/side·1023) and decodes with
-    /1023: the same pairing idea, 0.1 % apart (spec §6.1)."""
+    /1023: the same pairing idea, 0.1 % apart (docs/boxes-and-masks.md#detection)."""
     return min(1023, max(0, round(coord / side * 1024)))
 
 
@@ -210,8 +210,8 @@ def write_jsonl(out_dir: str, name: str, seeds, size: int = IMAGE_SIZE, render_s
 # ---- tokenizer ------------------------------------------------------------------------------------
 
 def train_tokenizer(path: str, num_scenes: int = 2000) -> str:
-    """A SentencePiece BPE model of the task's words laid out like Gemma's (spec §3.1): <pad> <eos>
-    <bos> <unk> = 0 1 2 3, "\\n" one piece, byte fallback (any text encodes), no dummy-prefix space,
+    """A SentencePiece BPE model of the task's words laid out like Gemma's (docs/files.md#token-ids):
+    <pad> <eos> <bos> <unk> = 0 1 2 3, "\\n" one piece, byte fallback (any text encodes), no dummy-prefix space,
     then <loc0000>..<loc1023> and <seg000>..<seg127> appended as consecutive user-defined pieces, as
     big_vision's `_add_pieces` appends them to Gemma's 256000."""
     import io

@@ -1,4 +1,4 @@
-"""`<loc>` answers → boxes on the original image, and drawing them (PaliGemma paper §3.2, spec §6.1).
+"""`<loc>` answers → boxes on the original image, and drawing them (paper §3.2, docs/boxes-and-masks.md#detection).
 
 A detection answer is objects joined by " ; ", each `<locY1><locX1><locY2><locX2> label` — y before x,
 coordinates in 1024 bins of the (squashed, so aspect-free) image. Two decodings are in use:

@@ -1,4 +1,4 @@
-"""`<seg>` answers → masks: the VQ-VAE mask decoder and pasting into boxes (PaliGemma paper §3.2; spec §6.2-6.4).
+"""`<seg>` answers → masks: the VQ-VAE mask decoder and pasting into boxes (paper §3.2; docs/boxes-and-masks.md).
 
 A "segment cat" answer is objects joined by " ; ", each `<locY1><locX1><locY2><locX2>` (the box, as in
 detection.py), 16 `<segNNN>` codes, then the label. The codes index the 128-entry codebook of a VQ-VAE
@@ -48,7 +48,7 @@ class ResBlock(nn.Module):
 
 def _up(c_in: int, c_out: int):
     # = flax ConvTranspose(4, strides 2, padding=2, transpose_kernel=True) on big_vision's transposed
-    # kernel: doubles h and w (spec §6.3, checked there to 1.2e-6).
+    # kernel: doubles h and w (docs/boxes-and-masks.md#mask-decoder, checked to 1.2e-6).
     return [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU()]
 
 
@@ -122,7 +122,8 @@ def parse_segments(text: str) -> list[SegmentTokens]:
 
 def paste_mask(mask64: np.ndarray, bins, width: int, height: int, divisor: int = 1023) -> np.ndarray:
     """A (height, width) bool mask: the 64×64 float mask resized into the box, as big_vision's evaluator
-    does (spec §6.4): box pixels int(bin / 1023 · side), PIL bilinear on the float mask, then > 0.
+    does (docs/boxes-and-masks.md#pasting-a-mask): box pixels int(bin / 1023 · side), PIL bilinear on
+    the float mask, then > 0.
 
     The image was squashed to a square, not cropped, so the box maps onto any aspect ratio as it is."""
     x0, y0, x1, y1 = bins_to_box(bins, width, height, divisor)

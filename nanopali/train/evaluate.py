@@ -3,10 +3,10 @@ box IoU for detection prompts (the papers report transfer with task metrics of t
 
 Loss is the same prefix-LM loss as training (finetune.loss_terms), summed over the whole held-out
 set and divided once. Generation uses nanopali.generate (greedy); exact match compares stripped
-strings. Detection (`detect ...` prompts, spec §6.1) is scored per target box: the best IoU among
-predicted boxes with the same label, 0 if none; averaged over target boxes. Boxes are parsed by
-detection.parse_detections (invalid ones dropped, as big_vision's evaluator does) and compared in
-<loc> bins: IoU does not depend on the scale.
+strings. Detection (`detect ...` prompts, docs/boxes-and-masks.md#detection) is scored per target box:
+the best IoU among predicted boxes with the same label, 0 if none; averaged over target boxes. Boxes
+are parsed by detection.parse_detections (invalid ones dropped, as big_vision's evaluator does) and
+compared in <loc> bins: IoU does not depend on the scale.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Fine-tuning: which weights train, the optimizer, the prefix-LM loss and one optimizer step.
 
 PaliGemma is built for transfer (both papers' titles say so): the whole model, or a part of it, is
-fine-tuned on (image, prefix, suffix) examples with the loss on suffix + EOS only (spec §2.5). This file is the reusable core that train.py and a notebook share:
+fine-tuned on (image, prefix, suffix) examples with the loss on suffix + EOS only
+(docs/sequence.md#loss). This file is the reusable core that train.py and a notebook share:
 
   set_trainable   named presets: all, llm, attn, projector, lora (lora.py adds the adapters)
   make_optimizer  AdamW, weight decay on matrices only; lr_at: linear warmup then cosine
@@ -116,7 +117,7 @@ def loss_terms(model: nn.Module, batch: dict, normalization: str = "tokens") -> 
 
     Only suffix + EOS tokens are targets; the logit at t-1 predicts token t. The tied 257k-row head
     runs only at those M positions, and the cross-entropy is taken on float32 logits (transformers
-    upcasts in ForCausalLMLoss, big_vision trains in float32). Two normalisations (spec §7 #13):
+    upcasts in ForCausalLMLoss, big_vision trains in float32). Two normalisations (docs/disagreements.md #13):
       "tokens"    every supervised token of the batch weighs the same: sum = Σ CE, count = M
                   (transformers' ForCausalLMLoss: mean over all non-ignored labels);
       "examples"  every example weighs the same: sum = Σ_rows (row's CE sum / max(row's count, 1)),
