@@ -255,3 +255,38 @@ def test_train_py_refuses_to_fine_tune_a_quantized_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(root, "train.py"), "--init", str(tmp_path / "q"), "--data",
                         str(tmp_path / "none.jsonl"), "--out-dir", str(tmp_path / "run")], capture_output=True, text=True)
     assert r.returncode != 0 and "quantized as int8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_int4_layers_keep_only_the_kernels_copy_once_decoding_and_still_save_the_portable_one():
+    """On a CPU whose packed int4 layout is known, the first decode step packs each layer and drops
+    its portable nibbles (half the memory); prefill then dequantizes from the packed copy to the same
+    numbers, and the state dict (what a save writes) still holds the portable nibbles, unchanged."""
+    if not weight_only.cpu_layout_known():
+        pytest.skip("this torch build's CPU int4 layout is not the known one: both copies are kept")
+    model, processor = nanopali.load(TINY, dtype=torch.bfloat16, quantize="int4")
+    big = processor(images=[IMAGE] * 6, prompts=["caption en"] * 6)          # > DECODE_MAX_ROWS rows: dense path
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    before = model(**big)                                                   # from the portable nibbles
+    nanopali.generate(model, processor, [IMAGE], ["caption en"], max_new_tokens=3)
+    layer = model.language_model.layers[0].mlp.up
+    assert layer.qweight is None and layer._cpu_packed.numel() == layer.out_features * layer.in_features // 2
+    torch.testing.assert_close(model(**big), before, atol=0, rtol=0)        # from the packed copy
+    after = model.state_dict()
+    assert after.keys() == saved.keys() and all(torch.equal(after[k], saved[k]) for k in saved)
+
+
+def test_embedding_rows_read_from_the_cpu_packed_copy_equal_the_portable_ones():
+    if not weight_only.cpu_layout_known():
+        pytest.skip("this torch build's CPU int4 layout is not the known one")
+    emb = TiedEmbedding(320, 128)
+    nn.init.normal_(emb.weight)
+    q = QuantizedEmbedding.from_embedding(emb, "int4", 32)
+    ids = torch.tensor([[0, 31, 32, 63, 64, 200, 319, 5]])
+    rows = q(ids)
+    h = torch.randn(1, 128)
+    head = q.unembed(h)                                                     # one row: packs, drops the nibbles
+    assert q.qweight is None
+    torch.testing.assert_close(q(ids), rows, atol=0, rtol=0)
+    torch.testing.assert_close(q.unembed(h), head, atol=0, rtol=0)
+    portable = dequantize_int4(q.state_dict()["qweight"], q.scale, q.zero, torch.float32)
+    torch.testing.assert_close(q.dequantize(slice(40, 250)), portable[40:250], atol=0, rtol=0)
