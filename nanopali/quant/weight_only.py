@@ -82,13 +82,20 @@ def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype | None = 
 def dequantize_int4(nibbles: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(N, K/2) nibbles, s and z (N, K/G) → w (N, K) = (q - 8)·s + z, in `dtype`."""
     N, groups = s.shape
-    q8 = F.embedding(nibbles.int(), _byte_table(dtype, nibbles.device))        # (N, K/2, 2): q - 8 per nibble
+    q8 = _lookup(nibbles, _byte_table(dtype, nibbles.device))                 # (N, K/2, 2): q - 8 per nibble
     return _scale(q8.view(N, groups, -1), s, z).view(N, -1)                     # (N, K)
 
 
+def _lookup(byte: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """table (256, 2) rows for each byte: (..., 2). index_select on the flat bytes, the fastest of the
+    gathers measured (1.8 ms for 2 M bytes; F.embedding 2.9, advanced indexing slower still)."""
+    return table.index_select(0, byte.reshape(-1).int()).view(*byte.shape, 2)
+
+
 def _scale(q8: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(q - 8) (N, K/G, G) → (q - 8)·s + z per group, in one fused pass."""
-    return torch.addcmul(z.to(q8.dtype)[..., None], q8, s.to(q8.dtype)[..., None])
+    """(q - 8) (N, K/G, G) → (q - 8)·s + z per group. A multiply then an add: 1.0 ms for 4 M bf16
+    weights where addcmul, broadcasting s and z, took 3.0."""
+    return q8 * s.to(q8.dtype)[..., None] + z.to(q8.dtype)[..., None]
 
 
 _TABLES: dict = {}
@@ -96,8 +103,8 @@ _TABLES: dict = {}
 
 def _byte_table(dtype: torch.dtype, device, high_first: bool = True) -> torch.Tensor:
     """(256, 2): a byte's two nibbles minus 8, as `dtype` (high nibble first, or low first). Unpacking by
-    one table lookup per byte and scaling by one fused multiply-add is 3x faster than shifting, masking
-    and converting in separate passes (4.8 vs 14.7 ms for 4 M weights to bf16, this project's 2-core CPU)."""
+    one table lookup per byte, then scaling, is 5x faster than shifting, masking and converting in
+    separate passes (2.9 vs 14.7 ms for 4 M weights to bf16, this project's 2-core CPU)."""
     key = (dtype, torch.device(device), high_first)
     if key not in _TABLES:
         b = torch.arange(256, device=device)
@@ -122,12 +129,12 @@ def cpu_values(packed: torch.Tensor, K: int, rows, dtype: torch.dtype) -> torch.
         start, stop, _ = rows.indices(p.shape[0] * CPU_BLOCK)
         b0 = start // CPU_BLOCK
         blocks = p[b0: -(-stop // CPU_BLOCK)]                                   # (nb, K, 32)
-        v = F.embedding(blocks.int(), _byte_table(dtype, p.device, high_first=False))  # (nb, K, 32, 2)
+        v = _lookup(blocks, _byte_table(dtype, p.device, high_first=False))   # (nb, K, 32, 2)
         v = v.permute(0, 3, 2, 1).reshape(-1, K)                                # (nb·64, K): lows, then highs
         return v[start - b0 * CPU_BLOCK: stop - b0 * CPU_BLOCK]
     i = rows % CPU_BLOCK
     byte = p[rows // CPU_BLOCK, :, i % (CPU_BLOCK // 2)]                        # (n, K)
-    v = F.embedding(byte.int(), _byte_table(dtype, p.device, high_first=False))  # (n, K, 2)
+    v = _lookup(byte, _byte_table(dtype, p.device, high_first=False))         # (n, K, 2)
     return torch.where((i < CPU_BLOCK // 2)[:, None], v[..., 0], v[..., 1])
 
 
