@@ -49,6 +49,8 @@ def parse_args(argv=None):
                    "loading: 2x (int8) or ~4x (int4) fewer bytes read per token; see README 'Speed'")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default), 128, 256")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core). On a "
+                   "machine another program keeps busy, one fewer can be faster: see README 'Speed'")
     p.add_argument("--attn-impl", default="auto", choices=["auto", "reference", "sdpa", "triton"])
     p.add_argument("--out", default=None, help="write the image with boxes drawn (PNG); default annotated.png "
                    "when the answer has boxes")
@@ -94,6 +96,10 @@ def main(argv=None) -> int:
     if args.prompt is None and ckpt == BUNDLED:
         rows = [i for i in rows for _ in BUNDLED_PROMPTS]
         prompts = BUNDLED_PROMPTS * len(images)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise nanopali.InputError(f"--threads must be ≥ 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     npz = {"tokenizer": args.tokenizer, "variant": args.variant} if ckpt.endswith(".npz") else {}

@@ -11,7 +11,7 @@ import nanopali
 from nanopali.gemma import TiedEmbedding
 from nanopali.quant import (QuantizedEmbedding, QuantizedLinear, dequantize_int4, dequantize_int8, quantize_int4,
                             quantize_int8, quantize_linear_weight, quantize_model)
-from nanopali.quant import weight_only
+from nanopali.quant import modules, weight_only
 
 TINY = "nanopali/assets/tiny-shapes"
 IMAGE = "nanopali/assets/images/shapes_1.png"
@@ -19,9 +19,9 @@ IMAGE = "nanopali/assets/images/shapes_1.png"
 
 @pytest.fixture(autouse=True)
 def fresh_kernel_table():
-    weight_only._MISSING.clear()
+    modules._MISSING.clear()
     yield
-    weight_only._MISSING.clear()
+    modules._MISSING.clear()
 
 
 def reference(layer, x):
@@ -89,8 +89,8 @@ def test_decode_and_prefill_paths_agree_with_bias(scheme, monkeypatch):
     layer = QuantizedLinear.from_linear(linear, scheme, 32 if scheme == "int4" else None)
     x = torch.randn(2, 3, 128)
     fast = layer(x)                                                    # 6 rows: the packed kernel
-    monkeypatch.setattr(weight_only, "DECODE_MAX_ROWS", {"int8": 0, "int4": 0})
-    monkeypatch.setattr(weight_only, "DENSE_CHUNK", 128 * 10)           # and chunked over the rows of W
+    monkeypatch.setattr(modules, "DECODE_MAX_ROWS", {"int8": 0, "int4": 0})
+    monkeypatch.setattr(modules, "DENSE_CHUNK", 128 * 10)           # and chunked over the rows of W
     dense = layer(x)
     torch.testing.assert_close(fast, dense, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(dense.double(), reference(layer, x), atol=1e-4, rtol=1e-4)
@@ -261,7 +261,7 @@ def test_int4_layers_keep_only_the_kernels_copy_once_decoding_and_still_save_the
     """On a CPU whose packed int4 layout is known, the first decode step packs each layer and drops
     its portable nibbles (half the memory); prefill then dequantizes from the packed copy to the same
     numbers, and the state dict (what a save writes) still holds the portable nibbles, unchanged."""
-    if not weight_only.cpu_layout_known():
+    if not modules.cpu_layout_known():
         pytest.skip("this torch build's CPU int4 layout is not the known one: both copies are kept")
     model, processor = nanopali.load(TINY, dtype=torch.bfloat16, quantize="int4")
     big = processor(images=[IMAGE] * 6, prompts=["caption en"] * 6)          # > DECODE_MAX_ROWS rows: dense path
@@ -276,7 +276,7 @@ def test_int4_layers_keep_only_the_kernels_copy_once_decoding_and_still_save_the
 
 
 def test_embedding_rows_read_from_the_cpu_packed_copy_equal_the_portable_ones():
-    if not weight_only.cpu_layout_known():
+    if not modules.cpu_layout_known():
         pytest.skip("this torch build's CPU int4 layout is not the known one")
     emb = TiedEmbedding(320, 128)
     nn.init.normal_(emb.weight)

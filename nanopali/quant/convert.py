@@ -19,7 +19,8 @@ import os
 import torch
 import torch.nn as nn
 
-from .weight_only import INT4_GROUP_SIZES, QuantizedEmbedding, QuantizedLinear, QuantizedWeight, quantize_weight
+from .modules import QuantizedEmbedding, QuantizedLinear
+from .weight_only import INT4_GROUP_SIZES, quantize_weight
 
 log = logging.getLogger("nanopali")
 

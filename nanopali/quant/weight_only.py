@@ -1,4 +1,5 @@
-"""Weight-only int8 / int4 quantization: the math, torch's packed kernels, and two drop-in modules.
+"""Weight-only int8 / int4 quantization: the math, in plain PyTorch (the reference every kernel is
+tested against).
 
 Not part of the PaliGemma papers: an inference option that shrinks the weights read at every decode
 step (the decoder's Linears and the 257,216 x 2304 tied LM head) by 2x (int8) or ~4x (int4).
@@ -7,42 +8,15 @@ Activations stay in the model dtype; only weights are stored as integers.
   int4: per group of G input columns, asymmetric, w ≈ (q - 8)·s + z, q ∈ [0, 15] (gpt-fast
         `WeightOnlyInt4QuantHandler`, torch's `_group_quantize_tensor` test helper): the convention
         torch's int4 kernels read, so the stored s and z go to them unchanged.
-Each module has a reference path (dequantize, then F.linear) and a fast path through torch's own
-kernels; a kernel this torch build or device lacks falls back to the reference with one log line.
+modules.py holds the layers that use it: torch's packed kernels for decoding, these for everything else.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-# Letters: N output features (rows of W), K input features, G int4 group size, M activation rows;
-# for the embedding E (V, D): V vocab = N, D width = K.
-
-log = logging.getLogger("nanopali")
+# Letters: N output features (rows of W), K input features, G int4 group size.
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept (tinygemm's tile sizes)
-
-# Rows up to which x · Wᵀ goes through the packed kernel (decoding); past them, dequantize + dense GEMM
-# (prefill). The kernels are GEMV-class: their cost grows ~linearly in rows (~90 GFLOP/s past 16 rows),
-# while the dense path pays one dequantization (DENSE_CHUNK at a time) and then runs at bf16 GEMM speed.
-# Measured, torch 2.13, 2-core AVX-512/AMX CPU, bf16 activations, a 2304x9216 layer (out x in), ms;
-# 9216x2304 agrees within noise:
-#   rows              1     4    16    32    64   128   256
-#   bf16 F.linear   1.7   1.2   1.4   1.6   2.4   3.2   5.3
-#   int8 kernel     0.56  0.97  3.7   9.1  14.9  29.4  59.6
-#   int8 dense      6.7   6.6   6.5   8.0   9.1  10.4  13.9
-#   int4 kernel     0.52  1.16  3.8   7.7  15.1  31.5  61.9
-#   int4 dense     17.9  17.7  17.4  17.6  19.7  23.0  25.8
-# int8 crosses over at ~24-32 rows, int4 (slower to dequantize: unpack, then scale and shift) at ~80-100.
-DECODE_MAX_ROWS = {"int8": 24, "int4": 80}
-
-# The dense path dequantizes at most this many weights at a time: the 257,216-row LM head never needs a
-# full float copy (0.6 G weights = 1.2 GB in bf16), and an 8 MB bf16 chunk is reused by the allocator
-# where a fresh 40 MB one costs page faults (int8 dense, 64 rows: 11 ms with 2^22, 35 ms with 2^24).
-DENSE_CHUNK = 1 << 22
 
 
 # ---- the math (plain PyTorch: the reference every kernel is tested against) ----
@@ -82,17 +56,17 @@ def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype | None = 
 def dequantize_int4(nibbles: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(N, K/2) nibbles, s and z (N, K/G) → w (N, K) = (q - 8)·s + z, in `dtype`."""
     N, groups = s.shape
-    q8 = _lookup(nibbles, _byte_table(dtype, nibbles.device))                 # (N, K/2, 2): q - 8 per nibble
-    return _scale(q8.view(N, groups, -1), s, z).view(N, -1)                     # (N, K)
+    q8 = byte_lookup(nibbles, byte_table(dtype, nibbles.device))                 # (N, K/2, 2): q - 8 per nibble
+    return scale_groups(q8.view(N, groups, -1), s, z).view(N, -1)                     # (N, K)
 
 
-def _lookup(byte: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def byte_lookup(byte: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """table (256, 2) rows for each byte: (..., 2). index_select on the flat bytes, the fastest of the
     gathers measured (1.8 ms for 2 M bytes; F.embedding 2.9, advanced indexing slower still)."""
     return table.index_select(0, byte.reshape(-1).int()).view(*byte.shape, 2)
 
 
-def _scale(q8: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def scale_groups(q8: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """(q - 8) (N, K/G, G) → (q - 8)·s + z per group. A multiply then an add: 1.0 ms for 4 M bf16
     weights where addcmul, broadcasting s and z, took 3.0."""
     return q8 * s.to(q8.dtype)[..., None] + z.to(q8.dtype)[..., None]
@@ -101,7 +75,7 @@ def _scale(q8: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 _TABLES: dict = {}
 
 
-def _byte_table(dtype: torch.dtype, device, high_first: bool = True) -> torch.Tensor:
+def byte_table(dtype: torch.dtype, device, high_first: bool = True) -> torch.Tensor:
     """(256, 2): a byte's two nibbles minus 8, as `dtype` (high nibble first, or low first). Unpacking by
     one table lookup per byte, then scaling, is 5x faster than shifting, masking and converting in
     separate passes (2.9 vs 14.7 ms for 4 M weights to bf16, this project's 2-core CPU)."""
@@ -111,50 +85,6 @@ def _byte_table(dtype: torch.dtype, device, high_first: bool = True) -> torch.Te
         pair = (b >> 4, b & 15) if high_first else (b & 15, b >> 4)
         _TABLES[key] = (torch.stack(pair, -1) - 8).to(dtype)
     return _TABLES[key]
-
-
-# ---- the CPU int4 kernel's own layout ----
-# torch's CPU packer (`_convert_weight_to_int4pack_for_cpu`) lays the N output rows out in blocks of 64:
-# byte [b, k, i] holds row 64·b + i in its low nibble and row 64·b + 32 + i in its high nibble, column k
-# (read off the packer by probing; `cpu_layout_known` re-checks it in every process, since another ISA
-# build may lay it out otherwise). Where it holds, the packed copy is the only copy an int4 layer keeps:
-# prefill and embedding lookups dequantize from it, and the portable nibbles are rebuilt only to save.
-CPU_BLOCK = 64
-
-
-def cpu_values(packed: torch.Tensor, K: int, rows, dtype: torch.dtype) -> torch.Tensor:
-    """q - 8 (n, K) in `dtype` for some rows (a slice, or an index tensor) of a CPU-packed int4 weight."""
-    p = packed.view(-1, K, CPU_BLOCK // 2)                                      # (N/64, K, 32)
-    if isinstance(rows, slice):
-        start, stop, _ = rows.indices(p.shape[0] * CPU_BLOCK)
-        b0 = start // CPU_BLOCK
-        blocks = p[b0: -(-stop // CPU_BLOCK)]                                   # (nb, K, 32)
-        v = _lookup(blocks, _byte_table(dtype, p.device, high_first=False))   # (nb, K, 32, 2)
-        v = v.permute(0, 3, 2, 1).reshape(-1, K)                                # (nb·64, K): lows, then highs
-        return v[start - b0 * CPU_BLOCK: stop - b0 * CPU_BLOCK]
-    i = rows % CPU_BLOCK
-    byte = p[rows // CPU_BLOCK, :, i % (CPU_BLOCK // 2)]                        # (n, K)
-    v = _lookup(byte, _byte_table(dtype, p.device, high_first=False))         # (n, K, 2)
-    return torch.where((i < CPU_BLOCK // 2)[:, None], v[..., 0], v[..., 1])
-
-
-_LAYOUT: dict = {}
-
-
-def cpu_layout_known() -> bool:
-    """Does this build's CPU packer write the layout `cpu_values` reads? Probed once per process."""
-    if "known" not in _LAYOUT:
-        q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-        try:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-            _LAYOUT["known"] = packed.shape == (128, 32) and torch.equal(
-                cpu_values(packed, 64, slice(None), torch.float32), q.float() - 8)
-        except (RuntimeError, NotImplementedError, AttributeError):
-            _LAYOUT["known"] = False
-        if not _LAYOUT["known"]:
-            log.info("nanopali.quant: this torch's CPU int4 layout is not the known one; int4 layers keep "
-                     "their portable copy beside the packed one (~1 byte a weight instead of ~0.5)")
-    return _LAYOUT["known"]
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -172,146 +102,6 @@ def check_int4_shape(K: int, group_size: int) -> None:
         raise ValueError(f"int4 groups of {group_size} do not divide the input width {K}")
 
 
-# ---- torch's kernels, with one fallback ----
-
-_MISSING: set = set()
-
-
-def _try_kernel(name: str, x: torch.Tensor, fn):
-    """fn() through a torch kernel, or None (→ the reference path) where this build/device lacks it.
-    Logged once per (kernel, device type, dtype); any later call goes straight to the reference."""
-    key = (name, x.device.type, x.dtype)
-    if key in _MISSING:
-        return None
-    try:
-        return fn()
-    except (RuntimeError, NotImplementedError, AttributeError) as e:
-        _MISSING.add(key)
-        log.info("nanopali.quant: no %s for %s %s in torch %s (%s); dequantizing instead",
-                 name, x.device.type, x.dtype, torch.__version__, str(e).splitlines()[0][:120])
-        return None
-
-
-def _sz_table(s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The int4 kernels' (K/G, N, 2) table of [scale, zero], in the activations' dtype."""
-    return torch.stack((s, z), -1).transpose(0, 1).contiguous().to(dtype)
-
-
-def _int4_pack(nibbles: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype):
-    """The kernel's packed weight and its table of [scale, zero], for this device."""
-    K = nibbles.shape[1] * 2
-    sz = _sz_table(s, z, dtype)                                                 # (K/G, N, 2)
-    if nibbles.device.type == "cpu":   # the CPU packer takes one int32 per weight; its layout is ISA-specific
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles).to(torch.int32), 2)
-    else:                              # tinygemm tiles: inner K tiles of 16, as many as divide K
-        tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
-        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), tiles)
-    return packed, sz
-
-
-class QuantizedWeight(nn.Module):
-    """What QuantizedLinear and QuantizedEmbedding share: a weight (N, K) held as buffers
-    qweight + scale (+ zero for int4), its dequantization, and x · Wᵀ by the fast or the dense path.
-
-    The buffers are the portable form a checkpoint stores. int4's fast path needs the kernel's packed
-    copy, built on first use; on a CPU whose packed layout is known (see `cpu_values`) it replaces the
-    portable nibbles, which are rebuilt from it only to save, so an int4 layer holds ~0.5 byte a weight
-    (elsewhere both: ~1 byte). int8's kernel reads qweight as it is: 1 byte a weight."""
-
-    def _init_buffers(self, scheme: str, group_size: int | None, buffers: dict) -> None:
-        self.scheme, self.group_size = scheme, group_size
-        N, k = buffers["qweight"].shape
-        self.out_features, self.in_features = N, k * 2 if scheme == "int4" else k   # int4: two per byte
-        for name, t in buffers.items():
-            self.register_buffer(name, t)
-        self._packed = {}   # (device, dtype) → the int4 kernel's packed copy, built on first use
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The float dtype the weight dequantizes to (the model's)."""
-        return self.scale.dtype
-
-    def dequantize(self, rows: slice | torch.Tensor = slice(None), dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight (or some of its rows): (N, K) in the model dtype."""
-        dtype = dtype or self.dtype
-        if self.scheme == "int8":
-            return dequantize_int8(self.qweight[rows], self.scale[rows], dtype)
-        if self.qweight is None:                                                # only the CPU-packed copy
-            s, z = self.scale[rows], self.zero[rows]
-            q8 = cpu_values(self._cpu_packed, self.in_features, rows, dtype)   # (n, K)
-            return _scale(q8.view(s.shape[0], s.shape[1], -1), s, z).view(s.shape[0], -1)
-        return dequantize_int4(self.qweight[rows], self.scale[rows], self.zero[rows], dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized (N, K) weight, for code written against nn.Linear / nn.Embedding. It
-        materialises the whole float matrix; the forward paths never call it."""
-        return self.dequantize()
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) → x · Wᵀ (..., N), in x's dtype."""
-        x2 = x.reshape(-1, x.shape[-1])                                         # (M, K)
-        y = self._fast(x2) if x2.shape[0] <= DECODE_MAX_ROWS[self.scheme] else None
-        if y is None:
-            y = self._dense(x2)
-        return y.view(*x.shape[:-1], -1)
-
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        step = max(1, DENSE_CHUNK // self.in_features)
-        if step >= self.out_features:
-            return F.linear(x, self.dequantize(dtype=x.dtype))
-        return torch.cat([F.linear(x, self.dequantize(slice(n, n + step), x.dtype))
-                          for n in range(0, self.out_features, step)], -1)     # (M, N)
-
-    def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.scheme == "int8":   # (x · qᵀ) · s; the scales must come in x's dtype
-            return _try_kernel("_weight_int8pack_mm", x, lambda: torch.ops.aten._weight_int8pack_mm(
-                x.contiguous(), self.qweight, self.scale.to(x.dtype)))
-        if self.out_features % (16 if x.device.type == "cpu" else 8):
-            return None     # the int4 packers' tile width (no real PaliGemma layer): dense path
-        if x.device.type == "cpu":
-            return _try_kernel("_weight_int4pack_mm_for_cpu", x, lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.contiguous(), *self._int4_packed(x.dtype)))
-        return _try_kernel("_weight_int4pack_mm", x, lambda: torch.ops.aten._weight_int4pack_mm(
-            x.contiguous(), *self._int4_packed(x.dtype)))
-
-    def _int4_packed(self, dtype: torch.dtype):
-        key = (self.scale.device, dtype)
-        if key not in self._packed:
-            if self.qweight is None:                     # packed for another dtype: the table changes, not q
-                self._packed[key] = (self._cpu_packed, _sz_table(self.scale, self.zero, dtype))
-            else:
-                self._packed[key] = _int4_pack(self.qweight, self.scale, self.zero, dtype)
-                if (self.scale.device.type == "cpu" and self.out_features % CPU_BLOCK == 0
-                        and cpu_layout_known()):
-                    self._cpu_packed, self.qweight = self._packed[key][0], None
-        packed, sz = self._packed[key]
-        return packed, self.group_size, sz
-
-    def _portable_nibbles(self) -> torch.Tensor:
-        q8 = cpu_values(self._cpu_packed, self.in_features, slice(None), torch.float32)
-        return pack_nibbles((q8 + 8).to(torch.uint8))
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.scheme == "int4" and self.qweight is None:
-            destination[prefix + "qweight"] = self._portable_nibbles()
-
-    def _apply(self, fn, recurse=True):
-        if self.scheme == "int4" and self.qweight is None:   # a move or cast: back to the portable form
-            self.qweight = self._portable_nibbles()
-        self._packed = {}   # a move or cast invalidates the packed copies
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._packed = {}
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def extra_repr(self) -> str:
-        g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{g}, dtype={self.dtype}"
-
-
 def quantize_weight(w: torch.Tensor, scheme: str, group_size: int | None = None,
                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """One float weight (N, K) → the buffers a quantized module holds: {"qweight", "scale"[, "zero"]}.
@@ -323,50 +113,3 @@ def quantize_weight(w: torch.Tensor, scheme: str, group_size: int | None = None,
         q, s, z = quantize_int4(w, group_size, dtype)
         return {"qweight": q, "scale": s, "zero": z}
     raise ValueError(f"Unknown quantization scheme {scheme!r}; known: 'int8', 'int4'")
-
-
-class QuantizedLinear(QuantizedWeight):
-    """Drop-in for nn.Linear: y = x · Wᵀ + b with W held as int8 or int4 buffers (b stays float)."""
-
-    def __init__(self, buffers: dict[str, torch.Tensor], scheme: str, group_size: int | None = None,
-                 bias: torch.Tensor | None = None):
-        super().__init__()
-        self._init_buffers(scheme, group_size, buffers)
-        self.register_buffer("bias", bias)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None = None, dtype=None):
-        w = linear.weight.detach()
-        b = None if linear.bias is None else linear.bias.detach().to(dtype or w.dtype)
-        return cls(quantize_weight(w, scheme, group_size, dtype), scheme, group_size, b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-
-class QuantizedEmbedding(QuantizedWeight):
-    """Drop-in for gemma.TiedEmbedding: E (V, D) quantized along D, read as rows and as the LM head."""
-
-    @classmethod
-    def from_embedding(cls, emb: nn.Embedding, scheme: str, group_size: int | None = None, dtype=None):
-        return cls(quantize_weight(emb.weight.detach(), scheme, group_size, dtype), scheme, group_size)
-
-    def __init__(self, buffers: dict[str, torch.Tensor], scheme: str, group_size: int | None = None):
-        super().__init__()
-        self._init_buffers(scheme, group_size, buffers)
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.out_features
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.in_features
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (...) → rows (..., D), dequantizing only the rows looked up."""
-        return self.dequantize(ids.reshape(-1)).view(*ids.shape, -1)
-
-    def unembed(self, h: torch.Tensor) -> torch.Tensor:
-        return self.matmul(h)                                                   # (..., V)
