@@ -2,6 +2,8 @@
 
     python bench.py                      # CPU defaults: real widths, reduced depth (printed)
     python bench.py --text-layers 26 --vision-layers 27 --dtype bfloat16 --device cuda   # full size
+    python bench.py --full               # the released 3B at full depth on CPU: bf16, int8, int4 vs peers
+    python bench.py --full --generation 2 1 --modes bf16 int8 int4 fp32 --keep ~/pg-bench   # all of it
     python bench.py attention            # the fused kernel vs SDPA / FlexAttention (bench_attention.py)
 
 Builds transformers' PaliGemma (1 or 2) at the released widths with random weights, saves it in the
@@ -10,6 +12,13 @@ tokens + BOS + 4 prompt tokens + "\\n"): time to first token (prefill incl. SigL
 decode tokens/s at batch 1 and 4 (every run decodes the same count), peak CUDA memory on a GPU.
 transformers runs with its default attention for the model (PaliGemma 1: sdpa, PaliGemma 2: eager)
 and its default dynamic cache.
+
+--full (issue 15, "fast on the machine a reader has"): the 3B model at full depth, written to disk as a
+random bf16 checkpoint without ever being built in memory (benchmarks/random_checkpoint.py; --keep DIR
+caches it). Per mode, a pair is loaded, timed in interleaved rounds (median of --repeats) and freed
+before the next: bf16 (transformers vs nanopali), int8 and int4 (torchao's weight-only quantization of
+transformers' model vs `nanopali.load(quantize=...)`), fp32 where memory holds two copies. Beside the
+results, this machine's own rates (benchmarks/machine.py) and the decode floor they set per mode.
 """
 from __future__ import annotations
 
@@ -17,6 +26,8 @@ import argparse
 import gc
 import os
 import platform
+import shutil
+import statistics
 import tempfile
 import time
 
@@ -96,27 +107,182 @@ def run_ours(model, batch, n):
     assert all(len(r) == n for r in generate_ids(model, batch, max_new_tokens=n, stop_at_eos=False))
 
 
+# ---- --full: the 3B model at full depth on CPU, per mode, beside this machine's floors ----
+
+def rss_gb() -> float:
+    """This process's resident set (VmRSS), GB. Approximate per model: freed heap is not always returned."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1e6
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:  # hand glibc's freed heap back to the OS, so the next RSS increase is the next model's own
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def pairs(mode: str, path: str, model_bytes: int, notes: list, skip_torchao: bool = False):
+    """[(implementation, load, run)] to time against each other for `mode`: a peer, then nanopali."""
+    import nanopali
+    from benchmarks import peers
+    from nanopali.quant.convert import DEFAULT_GROUP_SIZE
+
+    dtype, quantize = (torch.float32, None) if mode == "fp32" else (torch.bfloat16, mode if mode != "bf16" else None)
+    ours = [("nanopali", lambda: nanopali.load(path, dtype=dtype, quantize=quantize)[0], run_ours)]
+    if mode in ("bf16", "fp32"):
+        peer = [("transformers", lambda: peers.load_transformers(path, dtype), run_tf)]
+        with open("/proc/meminfo") as f:  # fp32: two copies of the model must fit beside each other
+            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) * 1024
+        need = 2 * 2 * model_bytes + (2 << 30)   # two fp32 copies of a bf16 file, and headroom
+        if mode == "fp32" and need > avail:
+            notes.append(f"fp32 skipped: two fp32 copies need ~{need / 1e9:.0f} GB, this machine has "
+                         f"{avail / 1e9:.0f} GB available")
+            return []
+        return peer + ours
+    if skip_torchao:
+        notes.append("torchao skipped (--skip-torchao)")
+        return ours
+    make, label, reasons = peers.torchao_config(mode, DEFAULT_GROUP_SIZE)
+    notes += reasons
+    if make is None:
+        return ours
+    group = DEFAULT_GROUP_SIZE if mode == "int4" else None
+    if group:
+        notes.append(f"torchao int4 leaves SigLIP's fc2 (4304 inputs, not a multiple of {group}) in bf16; "
+                     "nanopali stores it as int8")
+    return [(f"torchao {label}", lambda: peers.load_torchao(path, make, group, dtype), run_tf)] + ours
+
+
+def time_pair(impls, args) -> dict:
+    """{implementation: {load_s, resident_gb, batch: (time to first token s, decode tok/s)}}, one model
+    loaded after the other, then interleaved rounds (median of --repeats) so both see the same load."""
+    res, models = {}, []
+    for name, load, fn in impls:
+        release_memory()
+        base, t0 = rss_gb(), time.perf_counter()
+        model = load()
+        load_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            fn(model, make_batch(1, "cpu"), 2)       # warm-up: pages touched, int4 packed, caches built
+        res[name] = {"load_s": load_s, "resident_gb": rss_gb() - base}
+        models.append((name, model, fn))
+        print(f"  {name}: loaded in {load_s:.1f} s, ~{res[name]['resident_gb']:.1f} GB resident", flush=True)
+    with torch.inference_mode():
+        for b in args.batches:
+            batch = make_batch(b, "cpu")
+            for _, model, fn in models:
+                fn(model, batch, 2)
+            t = {name: ([], []) for name, _, _ in models}
+            for _ in range(args.repeats):
+                for name, model, fn in models:
+                    t[name][0].append(timed(lambda: fn(model, batch, 1)))
+                    t[name][1].append(timed(lambda: fn(model, batch, args.new_tokens)))
+            for name in t:
+                t1, tn = statistics.median(t[name][0]), statistics.median(t[name][1])
+                # nan where noise makes the n-token run no slower than the 1-token one (tiny --new-tokens)
+                res[name][b] = (t1, b * (args.new_tokens - 1) / (tn - t1) if tn > t1 else float("nan"))
+    return res   # the models go with this frame; the next load's release_memory() collects them
+
+
+def full(args):
+    from benchmarks import machine
+    from benchmarks.random_checkpoint import bench_config, write_random_checkpoint
+
+    print(machine.describe(torch.get_num_threads()), flush=True)
+    bandwidth, rates = machine.read_bandwidth(), machine.gemv_rates()
+    print(f"memory read (fp32 sum of 512 MiB): {bandwidth:.1f} GB/s; GEMV, GB/s of weights, "
+          f"{machine.N_ROWS}x{machine.K_COLS}: " + ", ".join(
+              f"{m} {r:.1f}" if isinstance(r, float) else f"{m} {r}" for m, r in rates.items()), flush=True)
+    keep = args.keep or tempfile.mkdtemp(prefix="nanopali-bench-")
+    rows, notes = [], []
+    try:
+        for gen in args.generation or [2]:
+            cfg = bench_config(gen, args.text_layers, args.vision_layers)
+            title = f"PaliGemma {gen} 3B ({cfg.text.depth}+{cfg.vision.depth})"
+            path = write_random_checkpoint(cfg, os.path.join(
+                keep, f"pg{gen}-3b-224-text{cfg.text.depth}-vision{cfg.vision.depth}"))
+            floors = {m: rates[m] * 1e9 / machine.decode_bytes(cfg.text, m) for m in args.modes
+                      if isinstance(rates[m], float)}
+            memory = {m: bandwidth * 1e9 / machine.decode_bytes(cfg.text, m) for m in args.modes}
+            print(f"{title}: decode floors at batch 1, weights read per token / this machine's rate: " + ", ".join(
+                f"{m} {machine.decode_bytes(cfg.text, m) / 1e9:.2f} GB -> {memory[m]:.2f} tok/s at the memory "
+                f"read rate, {floors[m]:.2f} at the mode's GEMV rate" for m in floors), flush=True)
+            size = os.path.getsize(os.path.join(path, "model.safetensors"))
+            for mode in args.modes:
+                impls = pairs(mode, path, size, notes, args.skip_torchao)
+                if impls:
+                    print(f"{title}, {mode}:", flush=True)
+                    rows.append((title, mode, time_pair(impls, args), (floors.get(mode), memory[mode])))
+    finally:
+        if not args.keep:
+            shutil.rmtree(keep, ignore_errors=True)
+    print_full_table(rows, args.batches)
+    for note in dict.fromkeys(notes):   # once each, whatever the number of generations
+        print(f"- {note}")
+    print(f"load average after the run: {os.getloadavg()[0]:.2f} (1 min)")
+
+
+def print_full_table(rows, batches):
+    b0 = batches[0]
+    print(f"\n| model | mode | implementation | load s | time to first token s (batch {b0}) | "
+          + " | ".join(f"decode tok/s b{b}" for b in batches)
+          + f" | resident GB | % of GEMV floor (b{b0}) | % of memory floor (b{b0}) |")
+    print("|---|---|---|---|---|" + "---|" * len(batches) + "---|---|---|")
+    for title, mode, res, (floor, memory) in rows:
+        cells = {}
+        for name, r in res.items():
+            cells[name] = [r["load_s"], r[b0][0]] + [r[b][1] for b in batches] + [r["resident_gb"]]
+            pct = f"{100 * r[b0][1] / floor:.0f}%" if floor and r[b0][1] == r[b0][1] else "n/a"
+            mem = f"{100 * r[b0][1] / memory:.0f}%" if r[b0][1] == r[b0][1] else "n/a"
+            print(f"| {title} | {mode} | {name} | "
+                  + " | ".join("n/a" if v != v else f"{v:.2f}" for v in cells[name]) + f" | {pct} | {mem} |")
+        if floor:
+            print(f"| {title} | {mode} | floor at the GEMV rate | | | " + " | ".join(
+                f"{b * floor:.2f}" for b in batches) + " | | 100% | |")
+        print(f"| {title} | {mode} | floor at the memory read rate | | | " + " | ".join(
+            f"{b * memory:.2f}" for b in batches) + " | | | 100% |")
+        if len(cells) == 2:
+            (peer, p), (_, o) = cells.items()
+            print(f"| {title} | {mode} | nanopali / {peer.split()[0]} | " + " | ".join(
+                f"{x / y:.2f}x" if y > 0 and x == x else "n/a" for x, y in zip(o, p)) + " | |")
+    print("\nratio rows: nanopali / peer (s and GB: below 1 is better; tok/s: above 1 is better). "
+          "The floor at batch b is b x the batch-1 floor (each decode step reads every weight once).")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--generation", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--text-layers", type=int, default=2)
-    ap.add_argument("--vision-layers", type=int, default=4)
+    ap.add_argument("--generation", type=int, nargs="+", default=None, help="default 1 2; with --full, 2")
+    ap.add_argument("--text-layers", type=int, default=None, help="default 2; with --full, the released depth")
+    ap.add_argument("--vision-layers", type=int, default=None, help="default 4; with --full, the released depth")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--full", action="store_true", help="the 3B model at full depth on CPU, per mode, beside "
+                    "this machine's floors (generation default 2)")
+    ap.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4", "fp32"])
+    ap.add_argument("--skip-torchao", action="store_true", help="--full: nanopali alone in int8/int4 (torchao's "
+                    "CPU paths dequantize at every call: minutes per token at full depth)")
+    ap.add_argument("--keep", default=None, help="--full: directory that caches the random checkpoints")
     args = ap.parse_args()
     import nanopali
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.full:
+        return full(args)
+    args.text_layers = 2 if args.text_layers is None else args.text_layers
+    args.vision_layers = 4 if args.vision_layers is None else args.vision_layers
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {device}, {args.dtype}; real widths, {args.text_layers} text / {args.vision_layers} vision layers")
     rows = []
-    for gen in args.generation:
+    for gen in args.generation or [1, 2]:
         with tempfile.TemporaryDirectory() as d:
             tf = build_reference(gen, args.text_layers, args.vision_layers, d, dtype).to(device)
             ours = nanopali.formats.hf.load_paligemma_model(d, dtype=dtype, device=device)

@@ -223,4 +223,7 @@ def _load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size
     model = quantized_skeleton(cfg, scheme, group, dtype)
     load_strict(model, safetensors_sources(files), lambda key: key, dtype=dtype, device=device,
                 where=f"Quantized checkpoint {', '.join(files)} does not match its config.json")
+    for module in model.modules():
+        if hasattr(module, "prepare"):
+            module.prepare(dtype)
     return model

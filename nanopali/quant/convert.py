@@ -116,7 +116,9 @@ def quantizing_place(model: nn.Module, scheme: str, group_size: int | None = Non
     where = {f"{name}.weight": (parent, attr) for parent, attr, _, name in targets(model)}
 
     def place(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-        assign(model, name, tensor)
+        # A tensor that stays float is copied out of the file's memory map (formats/files.py), so that
+        # once loading ends nothing holds the map: the pages read to quantize are let go, not kept resident.
+        assign(model, name, tensor if name in where else tensor.clone())
         if name in where:
             parent, attr = where[name]
             child = getattr(parent, attr)
@@ -124,6 +126,7 @@ def quantizing_place(model: nn.Module, scheme: str, group_size: int | None = Non
             g = group_size if own == "int4" else None
             new = (QuantizedLinear.from_linear(child, own, g, dtype) if isinstance(child, nn.Linear)
                    else QuantizedEmbedding.from_embedding(child, own, g, dtype))
+            new.prepare(tensor.dtype if dtype is None else dtype)
             setattr(parent, attr, new)
 
     model.quantization = {"scheme": scheme, "group_size": group_size}

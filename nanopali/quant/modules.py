@@ -114,11 +114,26 @@ def _int4_pack(nibbles: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: t
     K = nibbles.shape[1] * 2
     sz = _sz_table(s, z, dtype)                                                 # (K/G, N, 2)
     if nibbles.device.type == "cpu":   # the CPU packer takes one int32 per weight; its layout is ISA-specific
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles).to(torch.int32), 2)
+        packed = _cpu_pack(nibbles)
     else:                              # tinygemm tiles: inner K tiles of 16, as many as divide K
         tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
         packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), tiles)
     return packed, sz
+
+
+def _cpu_pack(nibbles: torch.Tensor) -> torch.Tensor:
+    """The CPU packer's (N, K/2) bytes. It wants one int32 per weight (8 bytes per stored byte: 2.4 GB for
+    the LM head), so rows are packed a block-aligned slice at a time where its layout is known (each
+    block of 64 rows packs on its own, so the slices concatenate to the whole) and in one call elsewhere."""
+    N, K = nibbles.shape[0], nibbles.shape[1] * 2
+    pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    if N % CPU_BLOCK or not cpu_layout_known():
+        return pack(unpack_nibbles(nibbles).to(torch.int32), 2)
+    step = max(1, DENSE_CHUNK // K // CPU_BLOCK) * CPU_BLOCK
+    out = torch.empty(N, K // 2, dtype=torch.uint8)
+    for n in range(0, N, step):
+        out[n:n + step] = pack(unpack_nibbles(nibbles[n:n + step]).to(torch.int32), 2)
+    return out
 
 
 class QuantizedWeight(nn.Module):
@@ -199,6 +214,17 @@ class QuantizedWeight(nn.Module):
                     self._cpu_packed, self.qweight = self._packed[key][0], None
         packed, sz = self._packed[key]
         return packed, self.group_size, sz
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Build the int4 kernel's packed copy for activations of `dtype` now rather than at the first
+        decode step. On a CPU whose layout is known the portable nibbles go (and the scales and zeros,
+        which may be views of a mapped file, are copied out of it), so what a load leaves in memory is
+        what decoding keeps: nothing is freed later in the middle of the heap, where it would stay."""
+        if self.scheme != "int4" or self.scale.device.type != "cpu" or self.out_features % CPU_BLOCK:
+            return
+        self._int4_packed(dtype)
+        if self.qweight is None:
+            self.scale, self.zero = self.scale.clone(), self.zero.clone()
 
     def _portable_nibbles(self) -> torch.Tensor:
         q8 = cpu_values(self._cpu_packed, self.in_features, slice(None), torch.float32)

@@ -102,14 +102,26 @@ def check_int4_shape(K: int, group_size: int) -> None:
         raise ValueError(f"int4 groups of {group_size} do not divide the input width {K}")
 
 
+QUANTIZE_CHUNK = 1 << 22  # weights quantized at a time: float32 temporaries stay ~100 MB, not 7 GB
+
+
 def quantize_weight(w: torch.Tensor, scheme: str, group_size: int | None = None,
                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """One float weight (N, K) → the buffers a quantized module holds: {"qweight", "scale"[, "zero"]}.
-    A loader can call this tensor by tensor, never holding the full-precision model."""
-    if scheme == "int8":
-        q, s = quantize_int8(w, dtype)
-        return {"qweight": q, "scale": s}
-    if scheme == "int4":
-        q, s, z = quantize_int4(w, group_size, dtype)
-        return {"qweight": q, "scale": s, "zero": z}
-    raise ValueError(f"Unknown quantization scheme {scheme!r}; known: 'int8', 'int4'")
+
+    Rows are quantized a few million weights at a time (both schemes work row by row, so this is
+    exact): the 257,216 x 2304 embedding would otherwise need several float32 copies of itself at once.
+    A loader calls this tensor by tensor, never holding the full-precision model."""
+    if scheme not in ("int8", "int4"):
+        raise ValueError(f"Unknown quantization scheme {scheme!r}; known: 'int8', 'int4'")
+    names = ("qweight", "scale") if scheme == "int8" else ("qweight", "scale", "zero")
+    step = max(1, QUANTIZE_CHUNK // w.shape[1])
+    out = None
+    for n in range(0, w.shape[0], step):
+        part = quantize_int8(w[n:n + step], dtype) if scheme == "int8" else quantize_int4(w[n:n + step], group_size,
+                                                                                           dtype)
+        if out is None:   # filled in place: no second copy of the quantized weight either
+            out = [t.new_empty(w.shape[0], *t.shape[1:]) for t in part]
+        for o, t in zip(out, part):
+            o[n:n + step] = t
+    return dict(zip(names, out))
