@@ -6,8 +6,8 @@ Reference math (transformers `modeling_gemma2.eager_attention_forward`, big_visi
     s = s where allowed else -inf           prefix-LM mask (masking.py), sliding window on some layers
     o = softmax(s in float32).to(dtype) · v
 
-GQA/MQA: N query heads share K key/value heads (G = N / K per group). The reference reshapes the
-queries into (K, G) groups and broadcasts K/V over G, so K/V are never copied.
+GQA/MQA: N query heads share K key/value heads (G = N / K per group). The reference stacks each
+group's G heads as G·T query rows against its K/V head, so K/V are never copied.
 
 Implementations (`impl`):
   "reference"  the plain PyTorch above; any mask, soft-cap, window, dtype, device.
@@ -32,16 +32,19 @@ IMPLS = ("reference", "sdpa", "triton", "auto")
 def reference_attention(q, k, v, allowed, scale: float, softcap: float | None = None):
     """q (B, N, T, H), k/v (B, K, S, H), allowed (B, 1, T, S) bool or None → (B, N, T, H)."""
     B, N, T, H = q.shape
-    K = k.shape[1]
-    q = q.view(B, K, N // K, T, H)                                    # (B, K, G, T, H)
-    s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scale     # (B, K, G, T, S)
+    K, S = k.shape[1], k.shape[2]
+    G = N // K
+    # The G query heads of a K/V head are stacked as G·T rows against that head's keys: one matmul per
+    # K/V head, and K/V are read in place (broadcasting them over G would copy the whole cache each layer).
+    q = q.reshape(B, K, G * T, H)                                     # (B, K, G·T, H)
+    s = (torch.matmul(q, k.transpose(-1, -2)) * scale).view(B, K, G, T, S)
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     if allowed is not None:
         s = s.masked_fill(~allowed.unsqueeze(1), float("-inf"))       # allowed (B, 1, 1, T, S)
     p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-    o = torch.matmul(p, v.unsqueeze(2))                               # (B, K, G, T, H)
-    return o.reshape(B, N, T, H)
+    o = torch.matmul(p.view(B, K, G * T, S), v)                       # (B, K, G·T, H)
+    return o.view(B, N, T, H)
 
 
 def sdpa_attention(q, k, v, allowed, scale: float):
