@@ -280,7 +280,8 @@ def main():
     args.vision_layers = 4 if args.vision_layers is None else args.vision_layers
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {device}, {args.dtype}; real widths, {args.text_layers} text / {args.vision_layers} vision layers")
+          f"{torch.get_num_threads()} threads, device {device}, {args.dtype}; real widths, "
+          f"{args.text_layers} text / {args.vision_layers} vision layers")
     rows = []
     for gen in args.generation or [1, 2]:
         with tempfile.TemporaryDirectory() as d:

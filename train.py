@@ -10,8 +10,7 @@ executed: each value goes through ast.literal_eval) or a JSON object; names are 
 for '-' (booleans True/False, lists for comma-separated flags). Later sources win: recipe files in
 order, then command-line flags. The effective flags are written to <out-dir>/run.json, itself a
 recipe. The result, <out-dir>, is a HF-layout checkpoint that nanopali.load(out_dir) reads (LoRA
-merged in; the adapters alone in <out-dir>/lora). The pieces
-(presets, loss, step, checkpoints) live in nanopali/{data,finetune,lora,resume,parallel,evaluate,cost}.py.
+merged in; the adapters alone in <out-dir>/lora). The pieces (presets, loss, step, checkpoints) live in nanopali/train/.
 """
 from __future__ import annotations
 
@@ -160,10 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_config(args):
     """(config, tokenizer path) of --init: a checkpoint directory, a config.json or a preset name."""
     if os.path.isdir(args.init):
-        quant = read_quantization(args.init) if os.path.isfile(os.path.join(args.init, "config.json")) else None
-        if quant is not None:
-            raise SystemExit(f"--init {args.init} holds a model quantized as {quant['scheme']}: fine-tuning starts "
-                             "from the full-precision checkpoint it was made from")
+        if os.path.isfile(os.path.join(args.init, "config.json")) and (quant := read_quantization(args.init)):
+            raise SystemExit(f"--init {args.init} holds a model quantized as {quant['scheme']}: "
+                             "fine-tune its full-precision checkpoint")
         return read_paligemma_config(args.init), os.path.join(args.init, "tokenizer.model")
     if not (os.path.isfile(args.init) or args.init in PRESETS):
         raise SystemExit(f"--init {args.init!r} is neither a checkpoint directory, a config.json nor a preset "

@@ -51,7 +51,8 @@ _DECODERS = {
     "pg1-3b": GemmaConfig(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1, head_dim=256),
     "pg2-3b": _gemma2(2304, 26, 9216, 8, 4, 256, 256),
     "pg2-10b": _gemma2(3584, 42, 14336, 16, 8, 256, 256),
-    # 28B: head_dim 128 but the scale is (D / N)^-½ = 144^-½ (docs/variants.md#decoder-sizes, docs/disagreements.md #8).
+    # 28B: head_dim 128 but the scale is (D / N)^-½ = 144^-½
+    # (docs/variants.md#decoder-sizes, docs/disagreements.md #8).
     "pg2-28b": _gemma2(4608, 46, 36864, 32, 16, 128, 144),
 }
 

@@ -4,8 +4,9 @@ Every layer owns a (B, K, S_max, H) key and value buffer allocated once. The pre
 is written in one prefill and then read by every generated token. A decode step writes its keys and
 values in place at slot `pos` (a 0-d tensor on the device, gpt-fast's `input_pos`) and attends to all
 slots, the mask hiding the unwritten ones: shapes never change between steps, so the step can be
-compiled / CUDA-graphed. Rows are left-padded so every row writes at the same slot. Sliding-window layers keep all slots and rely on the mask (masking.py),
-which gives the same answer as transformers' rolling sliding cache with less bookkeeping.
+compiled / CUDA-graphed. Rows are left-padded so every row writes at the same slot. Sliding-window
+layers keep all slots and rely on the mask (masking.py), which gives the same answer as transformers'
+rolling sliding cache with less bookkeeping.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 One Linear(1152 → D) with bias and no activation: big_vision's ViT classifier head `img/head`,
 transformers' `multi_modal_projector.linear`. Its output is NOT multiplied by √D, unlike the text
-embeddings (docs/variants.md#projector: transformers ≥ 5 and big_vision agree; transformers 4.x divided by √D first).
+embeddings (docs/variants.md#projector: transformers ≥ 5 and big_vision agree; transformers 4.x
+divided by √D first).
 """
 from __future__ import annotations
 

@@ -257,13 +257,12 @@ def test_train_py_refuses_to_fine_tune_a_quantized_checkpoint(tmp_path):
     assert r.returncode != 0 and "quantized as int8" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.skipif(not modules.cpu_layout_known(), reason="this torch build's CPU int4 layout is not the known one")
 def test_int4_layers_keep_only_the_kernels_copy_once_decoding_and_still_save_the_portable_one():
     """On a CPU whose packed int4 layout is known, the first decode step packs each layer and drops
     its portable nibbles (half the memory); prefill then dequantizes from the packed copy to the same
     numbers, and the state dict (what a save writes) still holds the portable nibbles, unchanged.
     nanopali.load(quantize="int4") packs while loading (QuantizedWeight.prepare), as here after decoding."""
-    if not modules.cpu_layout_known():
-        pytest.skip("this torch build's CPU int4 layout is not the known one: both copies are kept")
     model, processor = nanopali.load(TINY, dtype=torch.bfloat16)
     quantize_model(model, "int4")                                           # packs lazily (a load packs at once)
     big = processor(images=[IMAGE] * 6, prompts=["caption en"] * 6)          # > DECODE_MAX_ROWS rows: dense path
@@ -277,9 +276,8 @@ def test_int4_layers_keep_only_the_kernels_copy_once_decoding_and_still_save_the
     assert after.keys() == saved.keys() and all(torch.equal(after[k], saved[k]) for k in saved)
 
 
+@pytest.mark.skipif(not modules.cpu_layout_known(), reason="this torch build's CPU int4 layout is not the known one")
 def test_embedding_rows_read_from_the_cpu_packed_copy_equal_the_portable_ones():
-    if not modules.cpu_layout_known():
-        pytest.skip("this torch build's CPU int4 layout is not the known one")
     emb = TiedEmbedding(320, 128)
     nn.init.normal_(emb.weight)
     q = QuantizedEmbedding.from_embedding(emb, "int4", 32)
@@ -322,9 +320,8 @@ def test_real_width_layers_and_logits_stay_within_what_each_scheme_promises(hf_c
             assert (out - ref).abs().max() <= logit_err * ref.abs().max()
 
 
+@pytest.mark.skipif(not modules.cpu_layout_known(), reason="this torch build's CPU int4 layout is not the known one")
 def test_packing_for_the_cpu_kernel_a_slice_of_rows_at_a_time_equals_packing_at_once():
-    if not modules.cpu_layout_known():
-        pytest.skip("this torch build's CPU int4 layout is not the known one")
     nibbles, _, _ = quantize_int4(torch.randn(64 * 40, 256), 64)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight_only.unpack_nibbles(nibbles).to(torch.int32), 2)
     with pytest.MonkeyPatch.context() as m:
@@ -332,9 +329,8 @@ def test_packing_for_the_cpu_kernel_a_slice_of_rows_at_a_time_equals_packing_at_
         assert torch.equal(modules._cpu_pack(nibbles), whole)
 
 
+@pytest.mark.skipif(not modules.cpu_layout_known(), reason="this torch build's CPU int4 layout is not the known one")
 def test_an_int4_load_packs_for_the_cpu_kernel_while_loading(tmp_path, batch):
-    if not modules.cpu_layout_known():
-        pytest.skip("this torch build's CPU int4 layout is not the known one")
     model, _ = nanopali.load(TINY, dtype=torch.bfloat16, quantize="int4")
     up = model.language_model.layers[0].mlp.up
     assert up.qweight is None and (torch.bfloat16 in [dt for _, dt in up._packed])

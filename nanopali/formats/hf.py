@@ -110,7 +110,8 @@ def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device, r
 
     def place_checking_the_head(model, name, tensor):
         for src in heads if name == "language_model.embed.weight" else ():
-            if tuple(src.shape) != tuple(tensor.shape) or not torch.equal(src.read(tensor.dtype, tensor.device), tensor):
+            same = tuple(src.shape) == tuple(tensor.shape)
+            if not same or not torch.equal(src.read(tensor.dtype, tensor.device), tensor):
                 raise CheckpointError(f"{', '.join(files)}: {src.key} differs from the token embedding; "
                                       "PaliGemma ties them")
         place(model, name, tensor)

@@ -122,4 +122,5 @@ def safetensors_sources(files: list[str]) -> Iterable[Source]:
         with open(path, "rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.path.getsize(path) else None
         for key, info in table.items():
-            yield Source(key, tuple(info["shape"]), reader(path, info, start, mapped), SAFETENSORS_DTYPES[info["dtype"]])
+            yield Source(key, tuple(info["shape"]), reader(path, info, start, mapped),
+                         SAFETENSORS_DTYPES[info["dtype"]])

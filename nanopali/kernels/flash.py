@@ -141,7 +141,7 @@ def fwd_tiles(acc, l, m, q, i, K, V, lo, hi, start, pe, window, S, d, H, scale, 
 def _fwd_kernel(Q, K, V, O, LSE, START, PREFIX_END, scale, softcap, window, Q_START, N, T, S, H,
                 G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    q_start = tl.load(Q_START).to(tl.int32)                # on the device: one graph serves every step
+    q_start = tl.load(Q_START).to(tl.int32)                # read on the device (kernel_args)
     pid_m, bn = tl.program_id(0), tl.program_id(1)         # grid (cdiv(T, BLOCK_M), B * N)
     start, pe = row_mask(START, PREFIX_END, bn // N)
     head = bn.to(tl.int64)
@@ -202,7 +202,7 @@ def _dkdv_tiles(dk, dv, k, v, j, Q, DO, LSE, DELTA, lo, hi, q_start, T, start, p
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, START, PREFIX_END, scale, softcap, window, Q_START,
                      KV_HEADS, T, S, H, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    q_start = tl.load(Q_START).to(tl.int32)                # on the device: one graph serves every step
+    q_start = tl.load(Q_START).to(tl.int32)                # read on the device (kernel_args)
     pid_n, bk = tl.program_id(0), tl.program_id(1)         # grid (cdiv(S, BLOCK_N), B * K)
     start, pe = row_mask(START, PREFIX_END, bk // KV_HEADS)
     head = bk.to(tl.int64)
@@ -260,7 +260,7 @@ def _dq_tiles(dq, q, do, lse, delta, i, K, V, lo, hi, start, pe, window, S, d, H
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softcap, window, Q_START, N, T, S, H,
                    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                    SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    q_start = tl.load(Q_START).to(tl.int32)                # on the device: one graph serves every step
+    q_start = tl.load(Q_START).to(tl.int32)                # read on the device (kernel_args)
     pid_m, bn = tl.program_id(0), tl.program_id(1)         # grid (cdiv(T, BLOCK_M), B * N)
     start, pe = row_mask(START, PREFIX_END, bn // N)
     head = bn.to(tl.int64)
@@ -309,10 +309,10 @@ def tile_config(kernel: str, H: int, dtype: torch.dtype):
 
 
 def kernel_args(q, k, window, q_start):
-    """Arguments every kernel takes: shapes, the window as an int (None: S, longer than any row, as
-    i - j ≤ S - 1), the queries' first index (an int or a 0-d tensor) as one int64 on q's device,
-    which the kernels read from memory, so a compiled decode step never bakes it in,, and how tiles are multiplied. fp32 uses full fp32 products ("ieee", not TF32) to stay within 1e-5 of
-    the reference; bf16 is multiplied as fp32 in the interpreter, whose bf16 dot multiplies raw bits."""
+    """Arguments every kernel takes: shapes, the window as an int (None: S, longer than any row), the first
+    query index as one int64 on q's device (the kernels read it from memory, so a compiled decode step
+    never bakes it in), and how tiles multiply: fp32 as full fp32 ("ieee", not TF32), within 1e-5 of the
+    reference; bf16 as fp32 in the interpreter, whose bf16 dot multiplies raw bits."""
     B, N, T, H = q.shape
     q_start = torch.as_tensor(q_start, dtype=torch.int64, device=q.device).reshape(())
     dot = {torch.float16: tl.float16, torch.float32: tl.float32,

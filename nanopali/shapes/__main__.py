@@ -13,8 +13,9 @@ from .task import HELD_OUT_SEED, train_tokenizer, write_jsonl
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Write the shapes task (train/eval JSONL, images, tokenizer.model) and "
-                                "the stage-0 starting point of the tiny model (OUT_DIR/init), for recipes/tiny_shapes.py")
+    p = argparse.ArgumentParser(description="Write the shapes task (train/eval JSONL, images, tokenizer.model) "
+                                "and the stage-0 starting point of the tiny model (OUT_DIR/init), for "
+                                "recipes/tiny_shapes.py")
     p.add_argument("out_dir")
     p.add_argument("--train", type=int, default=8000, help="training scenes (seeds 0..N-1)")
     p.add_argument("--eval", type=int, default=200, help="held-out scenes (seeds from 10,000,000)")

@@ -194,7 +194,8 @@ def load_siglip_processor(path, cfg: SigLIPModelConfig) -> SigLIPProcessor:
                            resample=ip.get("resample", Image.Resampling.BICUBIC))
 
 
-def load_siglip(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto") -> tuple[SigLIPModel, SigLIPProcessor]:
+def load_siglip(path, dtype=torch.float32, device="cpu",
+                attn_impl: str = "auto") -> tuple[SigLIPModel, SigLIPProcessor]:
     """(model, processor) from a Hugging Face SigLIP / SigLIP 2 checkpoint directory."""
     model = load_siglip_model(path, dtype, device, attn_impl)
     return model, load_siglip_processor(path, model.cfg)

@@ -45,7 +45,8 @@ def set_trainable(model: nn.Module, preset: str) -> int:
     if preset not in TRAINABLE:
         raise ValueError(f"Unknown trainable preset {preset!r}; choose one of {', '.join(TRAINABLE)}")
     if preset == "lora" and getattr(model, "lora_config", None) is None:
-        raise ValueError("trainable preset 'lora' needs adapters: call nanopali.train.lora.apply_lora(model, cfg) first")
+        raise ValueError("trainable preset 'lora' needs adapters: call "
+                         "nanopali.train.lora.apply_lora(model, cfg) first")
     n = 0
     for name, p in model.named_parameters():
         p.requires_grad_(TRAINABLE[preset](name))
