@@ -7,5 +7,12 @@
 
 Data flows task → pretrain → train.py recipes/tiny_shapes.py → nanopali/assets/tiny-shapes.
 """
-from .task import *  # noqa: F401,F403  (nanopali.shapes.make_scene etc., as before the folder existed)
-from .task import ASSETS, BUNDLED_MODEL, BUNDLED_SEEDS, HELD_OUT_SEED, IMAGE_SIZE, RENDER_SIZE  # noqa: F401
+from .task import (KINDS, COLOURS, NUMBERS, HELD_OUT_SEED, BUNDLED_SEEDS, ASSETS, BUNDLED_MODEL, SUPERSAMPLE, GRID,
+                   MARGIN, IMAGE_SIZE, RENDER_SIZE, Shape, Scene, make_scene, boxes_near, caption, count,
+                   colour_questions, loc_bin, detect, detect_prompt, examples, scene_image, write_jsonl,
+                   train_tokenizer, score, evaluate)
+
+__all__ = ['KINDS', 'COLOURS', 'NUMBERS', 'HELD_OUT_SEED', 'BUNDLED_SEEDS', 'ASSETS', 'BUNDLED_MODEL', 'SUPERSAMPLE',
+           'GRID', 'MARGIN', 'IMAGE_SIZE', 'RENDER_SIZE', 'Shape', 'Scene', 'make_scene', 'boxes_near', 'caption',
+           'count', 'colour_questions', 'loc_bin', 'detect', 'detect_prompt', 'examples', 'scene_image', 'write_jsonl',
+           'train_tokenizer', 'score', 'evaluate']
