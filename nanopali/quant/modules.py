@@ -219,11 +219,14 @@ class QuantizedWeight(nn.Module):
         """Build the int4 kernel's packed copy for activations of `dtype` now rather than at the first
         decode step. On a CPU whose layout is known the portable nibbles go (and the scales and zeros,
         which may be views of a mapped file, are copied out of it), so what a load leaves in memory is
-        what decoding keeps: nothing is freed later in the middle of the heap, where it would stay."""
+        what decoding keeps: nothing is freed later in the middle of the heap, where it would stay. The
+        kernel's [scale, zero] table then holds the only copy of the scales and zeros."""
         if self.scheme != "int4" or self.scale.device.type != "cpu" or self.out_features % CPU_BLOCK:
             return
-        self._int4_packed(dtype)
-        if self.qweight is None:
+        _, _, sz = self._int4_packed(dtype)
+        if self.qweight is None and sz.dtype == self.scale.dtype:   # scale and zero: views of the kernel's table
+            self.scale, self.zero = sz[..., 0].t(), sz[..., 1].t()   # (N, K/G) each, no second copy
+        elif self.qweight is None:
             self.scale, self.zero = self.scale.clone(), self.zero.clone()
 
     def _portable_nibbles(self) -> torch.Tensor:
