@@ -240,8 +240,7 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
     if resume_dir is not None and not args.resume:
         raise SystemExit(f"{ckpt_root} already holds checkpoints: pass --resume to continue, or another --out-dir")
     cfg, tok = model_config(args)
-    processor = Processor(tok, cfg.vision.image_size, cfg.num_image_tokens, cfg.image_token_id,
-                          cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
+    processor = Processor.for_model(tok, cfg)
     data = load_examples(args.data, processor, args.max_seq_len, args.skip_bad)   # before the model: fail fast
     evals = load_examples(args.eval_data, processor, args.max_seq_len, args.skip_bad) if args.eval_data else None
     for name, ds in (("train", data), ("eval", evals)):
