@@ -265,7 +265,7 @@ def test_int4_layers_keep_only_the_kernels_copy_once_decoding_and_still_save_the
     nanopali.load(quantize="int4") packs while loading (QuantizedWeight.prepare), as here after decoding."""
     model, processor = nanopali.load(TINY, dtype=torch.bfloat16)
     quantize_model(model, "int4")                                           # packs lazily (a load packs at once)
-    big = processor(images=[IMAGE] * 6, prompts=["caption en"] * 6)          # > DECODE_MAX_ROWS rows: dense path
+    big = processor(images=[IMAGE] * 8, prompts=["caption en"] * 8)          # > DECODE_MAX_ROWS rows: dense path
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     before = model(**big)                                                   # from the portable nibbles
     nanopali.generate(model, processor, [IMAGE], ["caption en"], max_new_tokens=3)

@@ -23,16 +23,16 @@ log = logging.getLogger("nanopali")
 # Rows up to which x · Wᵀ goes through the packed kernel (decoding); past them, dequantize + dense GEMM
 # (prefill). The kernels are GEMV-class: their cost grows ~linearly in rows (~90 GFLOP/s past 16 rows),
 # while the dense path pays one dequantization (DENSE_CHUNK at a time) and then runs at bf16 GEMM speed.
-# Measured, torch 2.13, 2-core AVX-512/AMX CPU, bf16 activations, a 2304x9216 layer (out x in), ms;
-# 9216x2304 agrees within noise:
-#   rows              1     4    16    32    64   128   256
-#   bf16 F.linear   1.7   1.2   1.4   1.6   2.4   3.2   5.3
-#   int8 kernel     0.56  0.97  3.7   9.1  14.9  29.4  59.6
-#   int8 dense      6.7   6.6   6.5   8.0   9.1  10.4  13.9
-#   int4 kernel     0.52  1.16  3.8   7.7  15.1  31.5  61.9
-#   int4 dense     17.9  17.7  17.4  17.6  19.7  23.0  25.8
-# int8 crosses over at ~24-32 rows, int4 (slower to dequantize: unpack, then scale and shift) at ~80-100.
-DECODE_MAX_ROWS = {"int8": 24, "int4": 80}
+# Measured, torch 2.13, 2-core AVX-512/AMX CPU, bf16 activations, a 2304x9216 layer (out x in), ms,
+# int4 as a load leaves it (only the CPU-packed copy); 9216x2304 agrees within ~20 %:
+#   rows              1     4    16    32    48    64    96   128   256
+#   bf16 F.linear   1.7   1.2   1.4   1.6    -    2.4    -    3.2   5.3
+#   int8 kernel     0.56  0.97  3.7   7.0  10.7  13.9  20.8  27.8  59.6
+#   int8 dense      6.7   6.6   6.2   7.0   7.6   8.1   9.0   9.5  13.9
+#   int4 kernel     0.52  1.16  3.7   7.5  10.9  14.8  22.3  29.7  61.9
+#   int4 dense       -     -   28.6  29.9  31.6  32.0  32.6  34.0    -
+# int8 crosses over at ~28 rows, int4 (slower to dequantize from the packed layout) at ~110.
+DECODE_MAX_ROWS = {"int8": 24, "int4": 112}
 
 # The dense path dequantizes at most this many weights at a time: the 257,216-row LM head never needs a
 # full float copy (0.6 G weights = 1.2 GB in bf16), and an 8 MB bf16 chunk is reused by the allocator
