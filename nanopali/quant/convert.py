@@ -52,8 +52,8 @@ def check_scheme(scheme: str, group_size: int | None) -> int | None:
 
 def quantize_linear_weight(w: torch.Tensor, scheme: str, group_size: int | None = None,
                            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """One float weight (N, K) → the buffers its quantized module holds, by the same per-layer rule
-    quantize_model uses: what a streaming loader calls per tensor."""
+    """One float weight (N, K) → the buffers its quantized module holds, by the per-layer rule
+    `quantized` applies (int4 falls back to int8 where its groups do not divide the width)."""
     group_size = check_scheme(scheme, group_size)
     own = layer_scheme(scheme, w.shape[1], group_size)
     return quantize_weight(w, own, group_size if own == "int4" else None, dtype)
@@ -69,6 +69,15 @@ def targets(model: nn.Module):
                     yield parent, attr, child, full
 
 
+def quantized(child: nn.Module, scheme: str, group_size: int | None, dtype) -> nn.Module:
+    """The quantized replacement of one Linear or of the tied embedding, by the per-layer rule."""
+    own = layer_scheme(scheme, child.weight.shape[1], group_size)
+    g = group_size if own == "int4" else None
+    if isinstance(child, nn.Linear):
+        return QuantizedLinear.from_linear(child, own, g, dtype)
+    return QuantizedEmbedding.from_embedding(child, own, g, dtype)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None,
                    dtype: torch.dtype | None = None) -> nn.Module:
@@ -79,14 +88,9 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None,
     group_size = check_scheme(scheme, group_size)
     as_int8 = []
     for parent, attr, child, name in list(targets(model)):
-        own = layer_scheme(scheme, child.weight.shape[1], group_size)
-        if own != scheme:
-            as_int8.append(f"{name} ({child.weight.shape[1]} wide)")
-        g = group_size if own == "int4" else None
-        if isinstance(child, nn.Linear):
-            new = QuantizedLinear.from_linear(child, own, g, dtype)
-        else:
-            new = QuantizedEmbedding.from_embedding(child, own, g, dtype)
+        new = quantized(child, scheme, group_size, dtype)
+        if new.scheme != scheme:
+            as_int8.append(f"{name} ({new.in_features} wide)")
         setattr(parent, attr, new)
     if as_int8:
         log.info("nanopali.quant: int4 groups of %d do not divide %d layers' widths; int8 for those: %s",
@@ -121,11 +125,7 @@ def quantizing_place(model: nn.Module, scheme: str, group_size: int | None = Non
         assign(model, name, tensor if name in where else tensor.clone())
         if name in where:
             parent, attr = where[name]
-            child = getattr(parent, attr)
-            own = layer_scheme(scheme, child.weight.shape[1], group_size)
-            g = group_size if own == "int4" else None
-            new = (QuantizedLinear.from_linear(child, own, g, dtype) if isinstance(child, nn.Linear)
-                   else QuantizedEmbedding.from_embedding(child, own, g, dtype))
+            new = quantized(getattr(parent, attr), scheme, group_size, dtype)
             new.prepare(tensor.dtype if dtype is None else dtype)
             setattr(parent, attr, new)
 
