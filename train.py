@@ -31,7 +31,8 @@ from nanopali.formats.files import resolve_dtype
 from nanopali.formats.hf import read_paligemma_config, read_quantization
 from nanopali.config import PRESETS, from_hf_config, preset
 from nanopali.train.data import DataError, DataOrder, collate, load_examples
-from nanopali.train.cost import Progress, estimate_memory, peak_flops
+from nanopali.train.cost import estimate_memory, peak_flops
+from nanopali.train.progress import Progress
 from nanopali.train.evaluate import evaluate_held_out
 from nanopali.train.lora import TARGETS, LoRAConfig, apply_lora, load_adapters, save_adapters
 from nanopali.model import PaliGemma
