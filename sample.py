@@ -6,7 +6,12 @@
     python sample.py --checkpoint DIR --image cat.jpg --prompt "detect cat ; dog" --out boxes.png
     python sample.py --checkpoint DIR --image a.jpg --image b.jpg --multi --prompt "answer en same?"
 
-The answer is the last line of stdout (--json: one JSON object per image instead).
+    python sample.py --image my.png --prompt "caption en" --prompt "count shapes"   # two prompts, one image
+
+The answer is the last line of stdout; everything else (load time, speed, where boxes were drawn) goes
+to stderr. --json prints one JSON object per answer instead: image, prompt, text, tokens (the new ids),
+and for detections "boxes": [{"label", "box": [x0, y0, x1, y1] in pixels of the image, "bins":
+[y0, x0, y1, x1] as the model's <loc> tokens, 0..1023}] (PaliGemma writes y before x; docs/boxes-and-masks.md).
 """
 from __future__ import annotations
 
@@ -36,13 +41,16 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="Hugging Face PaliGemma directory (config.json, tokenizer.model, "
                    "*.safetensors); default: the bundled tiny model")
-    p.add_argument("--image", action="append", help="image path (repeatable)")
-    p.add_argument("--prompt", action="append", help="task prompt (repeatable: one per image, or one for all)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--image", action="append", help="image path (repeatable); a JPEG's EXIF orientation is "
+                   "applied, so the model sees the image as a viewer shows it")
+    p.add_argument("--prompt", action="append", help="task prompt (repeatable: one per image, one for all images, "
+                   "or several for one image)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate (default 32; prompt + "
+                   "new tokens must fit the model's positions)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens reaching p")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (0 ≤ seed < 2**63)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bf16 on CUDA and on CPUs that "
                    "multiply bf16 natively, else fp32; the choice is printed)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization while "
@@ -53,10 +61,10 @@ def parse_args(argv=None):
                    "machine another program keeps busy, one fewer can be faster: see README 'Speed'")
     p.add_argument("--attn-impl", default="auto", choices=["auto", "reference", "sdpa", "triton"])
     p.add_argument("--out", default=None, help="write the image with boxes drawn (PNG); default annotated.png "
-                   "when the answer has boxes")
+                   "in the current directory when an answer has boxes (several images: annotated_N.png)")
     p.add_argument("--vae", default=None, help="big_vision's vae-oid.npz: decodes the <seg> codes of 'segment' "
                    "answers into masks, drawn into --out (default segmented.png) and added to --json as RLE")
-    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--json", action="store_true", help="print one JSON object per answer (fields above)")
     p.add_argument("--multi", action="store_true", help="send all --image files with one prompt, as one "
                    "multi-image prompt (image pairs, video frames)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -86,16 +94,20 @@ def main(argv=None) -> int:
     images = args.image or ([BUNDLED_IMAGE] if os.path.isfile(BUNDLED_IMAGE) else [])
     if not images:
         raise nanopali.InputError("Pass at least one --image PATH")
-    prompts = args.prompt or ["caption en"]
-    if len(prompts) == 1:
+    prompts = args.prompt or (BUNDLED_PROMPTS if ckpt == BUNDLED else ["caption en"])
+    if len(images) == 1 or args.multi:          # every prompt of the one image (or the one image list)
+        rows = [0] * len(prompts)
+    elif len(prompts) == 1 or (args.prompt is None and ckpt == BUNDLED):
+        rows = [i for i in range(len(images)) for _ in prompts]
         prompts = prompts * len(images)
-    if len(prompts) != len(images):
-        raise nanopali.InputError(f"Got {len(images)} --image and {len(prompts)} --prompt; give one prompt "
-                                  "for all images or one per image")
-    rows = list(range(len(images)))             # row → index of its image
-    if args.prompt is None and ckpt == BUNDLED:
-        rows = [i for i in rows for _ in BUNDLED_PROMPTS]
-        prompts = BUNDLED_PROMPTS * len(images)
+    elif len(prompts) == len(images):
+        rows = list(range(len(images)))         # row → index of its image
+    else:
+        raise nanopali.InputError(f"Got {len(images)} --image and {len(prompts)} --prompt; give one prompt for "
+                                  "all images, one per image, or several prompts for one image")
+    if args.vae is not None and not os.path.isfile(args.vae):  # before minutes of loading, not after
+        raise nanopali.InputError(f"--vae {args.vae}: no such file. It is big_vision's vae-oid.npz (see the "
+                                  "README, 'Boxes and masks')")
     if args.threads is not None:
         if args.threads < 1:
             raise nanopali.InputError(f"--threads must be ≥ 1, got {args.threads}")
@@ -103,6 +115,9 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     npz = {"tokenizer": args.tokenizer, "variant": args.variant} if ckpt.endswith(".npz") else {}
+    size = _bytes(ckpt)
+    if size > 200e6 and not args.json:  # a 3B checkpoint takes seconds to map: say so before, not only after
+        print(f"(loading {ckpt}: {size / 1e9:.1f} GB ...)", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     model, processor = nanopali.load(ckpt, dtype=dtype, device=device, attn_impl=args.attn_impl,
                                      quantize=args.quantize, group_size=args.group_size, **npz)
@@ -111,9 +126,7 @@ def main(argv=None) -> int:
         print(f"(loaded {ckpt} in {time.perf_counter() - t0:.1f} s: {setting}, "
               f"{torch.get_num_threads()} threads)", file=sys.stderr)
     pils = [load_image(p) for p in images]
-    batch_images = [pils[i] for i in rows]
-    if args.multi:  # one row holding every image; answers are drawn onto the first image
-        rows, prompts, batch_images = [0], prompts[:1], [pils]
+    batch_images = [pils if args.multi else pils[i] for i in rows]  # --multi: each row holds every image
     compile_step = device.type == "cuda" if args.compile is None else args.compile
     # One row in plain text mode streams: the answer appears as it is decoded (a 3B model on a CPU
     # makes a few tokens a second). The stream's line is the answer's line, printed whole at the end.
@@ -136,11 +149,10 @@ def main(argv=None) -> int:
                 root, ext = os.path.splitext(out_path)
                 out_path = f"{root}_{i}{ext or '.png'}"
             (draw_segmentations(pil, segs) if segs else draw_detections(pil, dets)).save(out_path)
+        drawn = out_path and (f"[{shown}] {len(segs)} mask(s)" if segs else f"[{shown}] {len(dets)} box(es)") + \
+            f" drawn into {out_path}"
         if stream is not None:
             stream.finish(text)
-            if out_path:
-                print(f"[{shown}] {len(segs)} mask(s)" if segs else f"[{shown}] {len(dets)} box(es)",
-                      f"drawn into {out_path}", file=sys.stderr)
         elif args.json:
             rec = {"image": images if args.multi else path, "prompt": prompt, "text": text, "tokens": toks}
             if dets:
@@ -151,16 +163,20 @@ def main(argv=None) -> int:
                 rec["annotated"] = out_path
             print(json.dumps(rec))
         else:
-            if out_path:
-                print(f"[{shown}] {len(segs)} mask(s)" if segs else f"[{shown}] {len(dets)} box(es)",
-                      f"drawn into {out_path}")
             print(f"[{shown}] {prompt} ->" if len(images) > 1 else f"{prompt} ->")
-            print(text)
+            print(text, flush=True)
+        if drawn and not args.json:  # after its answer, on stderr: stdout's last line stays the answer
+            print(drawn, file=sys.stderr, flush=True)
     if not args.json:
         n = sum(len(t) for t in ids)
         print(f"({n} tokens in {seconds:.2f} s: {n / seconds:.1f} tok/s including the prompt, {setting})",
               file=sys.stderr)
     return 0
+
+
+def _bytes(path: str) -> int:
+    files = [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else [path]
+    return sum(os.path.getsize(f) for f in files if os.path.isfile(f))
 
 
 class Stream:

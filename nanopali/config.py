@@ -75,11 +75,35 @@ def _get(d: dict, *names, default=None):
     return default
 
 
+# Generous bounds on every size field: ~10x the largest released model (PaliGemma 2 28B: 46 layers,
+# width 4608, 257k vocabulary; 896 px). A config.json past them is a typo or a hostile file, refused
+# before anything is built (building 100,000 layers on the meta device takes minutes and gigabytes).
+LIMITS = {"depth": 512, "width": 65_536, "mlp_dim": 262_144, "num_heads": 1024, "head_dim": 2048,
+          "vocab_size": 4_194_304, "image_size": 8192, "patch_size": 1024, "max_positions": 1_048_576}
+
+
+def _typed(d: dict, where: str, *names, default, kind=int, limit: str | None = None):
+    """_get, checking the type (bool is not an int) and that sizes are within LIMITS."""
+    value = _get(d, *names, default=default)
+    ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+    if not ok or isinstance(value, bool):
+        raise ValueError(f"{where}{names[0]} is {value!r} ({type(value).__name__}); expected {kind.__name__}")
+    if limit is not None and not 0 < value <= LIMITS[limit]:
+        raise ValueError(f"{where}{names[0]} = {value} is outside (0, {LIMITS[limit]:,}]: not a PaliGemma "
+                         "config (the largest released model is ~10x smaller)")
+    return value
+
+
 def from_hf_config(cfg: dict) -> PaliGemmaConfig:
     """A PaliGemmaConfig from a Hugging Face config.json dict (any writer: 2024 hub, transformers 4/5)."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config.json holds a JSON {type(cfg).__name__}, expected an object")
     if cfg.get("model_type") != "paligemma":
         raise ValueError(f"config.json has model_type {cfg.get('model_type')!r}; nanopali loads 'paligemma' "
                          "(PaliGemma 1 and 2) checkpoints")
+    for name in ("text_config", "vision_config"):
+        if cfg.get(name) is not None and not isinstance(cfg[name], dict):
+            raise ValueError(f"{name} is {type(cfg[name]).__name__}, expected a JSON object")
     t = dict(cfg.get("text_config") or {})
     v = dict(cfg.get("vision_config") or {})
     kind = t.get("model_type", "gemma")
@@ -96,43 +120,65 @@ def from_hf_config(cfg: dict) -> PaliGemmaConfig:
     else:
         base = replace(_DECODERS["pg1-3b"], vocab_size=_get(cfg, "vocab_size", default=257152))
     rope = t.get("rope_parameters") or {}
-    depth = _get(t, "num_hidden_layers", default=base.depth)
+    if not isinstance(rope, dict):
+        raise ValueError(f"text_config.rope_parameters is {rope!r}, expected a JSON object")
+    tw = "text_config."
+
+    def opt(*names, default, kind=float):  # Gemma 2 switches: null turns them off
+        return None if _get(t, *names, default=default) is None else _typed(t, tw, *names, default=default, kind=kind)
+
+    depth = _typed(t, tw, "num_hidden_layers", default=base.depth, limit="depth")
+    layer_types = t.get("layer_types") or (alternating_layers(depth) if g2 else ())
+    if not (isinstance(layer_types, (list, tuple)) and all(isinstance(x, str) for x in layer_types)
+            and len(layer_types) in (0, depth)):
+        raise ValueError(f"text_config.layer_types must be a list of {depth} strings, got {layer_types!r}")
     text = GemmaConfig(
-        vocab_size=_get(t, "vocab_size", default=base.vocab_size),
-        width=_get(t, "hidden_size", default=base.width),
+        vocab_size=_typed(t, tw, "vocab_size", default=base.vocab_size, limit="vocab_size"),
+        width=_typed(t, tw, "hidden_size", default=base.width, limit="width"),
         depth=depth,
-        mlp_dim=_get(t, "intermediate_size", default=base.mlp_dim),
-        num_heads=_get(t, "num_attention_heads", default=base.num_heads),
-        num_kv_heads=_get(t, "num_key_value_heads", default=base.num_kv_heads),
-        head_dim=_get(t, "head_dim", default=256),
-        rms_norm_eps=_get(t, "rms_norm_eps", default=1e-6),
-        rope_theta=float(rope.get("rope_theta", _get(t, "rope_theta", default=10_000.0))),
+        mlp_dim=_typed(t, tw, "intermediate_size", default=base.mlp_dim, limit="mlp_dim"),
+        num_heads=_typed(t, tw, "num_attention_heads", default=base.num_heads, limit="num_heads"),
+        num_kv_heads=_typed(t, tw, "num_key_value_heads", default=base.num_kv_heads, limit="num_heads"),
+        head_dim=_typed(t, tw, "head_dim", default=256, limit="head_dim"),
+        rms_norm_eps=_typed(t, tw, "rms_norm_eps", default=1e-6, kind=float),
+        rope_theta=float(_typed(rope, tw + "rope_parameters.", "rope_theta",
+                                default=_typed(t, tw, "rope_theta", default=10_000.0, kind=float), kind=float)),
+        max_positions=_typed(t, tw, "max_position_embeddings", default=8192, limit="max_positions"),
         post_norms=g2,
-        query_pre_attn_scalar=_get(t, "query_pre_attn_scalar", default=256) if g2 else None,
-        attn_softcap=_get(t, "attn_logit_softcapping", default=50.0) if g2 else None,
-        final_softcap=_get(t, "final_logit_softcapping", default=30.0) if g2 else None,
-        sliding_window=_get(t, "sliding_window", default=4096) if g2 else None,
-        layer_types=tuple(t.get("layer_types") or (alternating_layers(depth) if g2 else ())),
+        query_pre_attn_scalar=opt("query_pre_attn_scalar", default=256) if g2 else None,
+        attn_softcap=opt("attn_logit_softcapping", default=50.0) if g2 else None,
+        final_softcap=opt("final_logit_softcapping", default=30.0) if g2 else None,
+        sliding_window=opt("sliding_window", default=4096, kind=int) if g2 else None,
+        layer_types=tuple(layer_types),
     )
+    if text.num_heads % text.num_kv_heads:
+        raise ValueError(f"text_config: {text.num_heads} attention heads do not split into "
+                         f"{text.num_kv_heads} key/value heads")
     act = _get(t, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
     if act not in ("gelu_pytorch_tanh", "gelu"):  # transformers maps legacy "gelu" to the tanh form for Gemma
         raise ValueError(f"text_config activation {act!r} is not Gemma's gelu_pytorch_tanh")
+    vw = "vision_config."
     vision = SigLIPConfig(
-        width=_get(v, "hidden_size", default=1152),
-        depth=_get(v, "num_hidden_layers", default=27),
-        mlp_dim=_get(v, "intermediate_size", default=4304),
-        num_heads=_get(v, "num_attention_heads", default=16),
-        patch_size=_get(v, "patch_size", default=14),
-        image_size=_get(v, "image_size", default=224),
-        layer_norm_eps=_get(v, "layer_norm_eps", default=1e-6),
+        width=_typed(v, vw, "hidden_size", default=1152, limit="width"),
+        depth=_typed(v, vw, "num_hidden_layers", default=27, limit="depth"),
+        mlp_dim=_typed(v, vw, "intermediate_size", default=4304, limit="mlp_dim"),
+        num_heads=_typed(v, vw, "num_attention_heads", default=16, limit="num_heads"),
+        patch_size=_typed(v, vw, "patch_size", default=14, limit="patch_size"),
+        image_size=_typed(v, vw, "image_size", default=224, limit="image_size"),
+        layer_norm_eps=_typed(v, vw, "layer_norm_eps", default=1e-6, kind=float),
     )
-    return PaliGemmaConfig(
-        vision=vision, text=text,
-        image_token_id=_get(cfg, "image_token_index", "image_token_id", default=257152),
-        pad_token_id=_get(cfg, "pad_token_id", default=_get(t, "pad_token_id", default=0)) or 0,
-        bos_token_id=_get(t, "bos_token_id", default=2),
-        eos_token_id=_get(t, "eos_token_id", default=1),
-    )
+    if vision.width % vision.num_heads or vision.image_size % vision.patch_size:
+        raise ValueError(f"vision_config: width {vision.width} over {vision.num_heads} heads, or image size "
+                         f"{vision.image_size} over patch size {vision.patch_size}, does not divide")
+    pad = {"pad_token_id": _get(cfg, "pad_token_id", default=_get(t, "pad_token_id")) or 0}  # null in old files
+    ids = dict(image_token_id=_typed(cfg, "", "image_token_index", "image_token_id", default=257152),
+               pad_token_id=_typed(pad, "", "pad_token_id", default=0),
+               bos_token_id=_typed(t, tw, "bos_token_id", default=2),
+               eos_token_id=_typed(t, tw, "eos_token_id", default=1))
+    for name, value in ids.items():
+        if not 0 <= value < text.vocab_size:
+            raise ValueError(f"{name} {value} is not a row of the {text.vocab_size}-row embedding")
+    return PaliGemmaConfig(vision=vision, text=text, **ids)
 
 
 def to_hf_config(c: PaliGemmaConfig) -> dict:
@@ -141,7 +187,7 @@ def to_hf_config(c: PaliGemmaConfig) -> dict:
     text = dict(model_type="gemma2" if c.generation == 2 else "gemma", vocab_size=t.vocab_size,
                 hidden_size=t.width, num_hidden_layers=t.depth, intermediate_size=t.mlp_dim,
                 num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
-                rms_norm_eps=t.rms_norm_eps, rope_parameters={"rope_theta": t.rope_theta, "rope_type": "default"},
+                rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_positions, rope_parameters={"rope_theta": t.rope_theta, "rope_type": "default"},
                 pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
     if c.generation == 2:
         text.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=t.query_pre_attn_scalar,

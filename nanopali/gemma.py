@@ -34,6 +34,10 @@ class GemmaConfig:
     head_dim: int = 256               # H
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10_000.0
+    max_positions: int = 8192
+    """Positions the decoder was trained for (config.json `max_position_embeddings`; 8192 for every
+    released PaliGemma). RoPE itself has no limit, so a longer sequence would run and answer from
+    positions the model never saw: prompts, generation and training examples past it are refused."""
     # Gemma 2 only (None / False for Gemma 1):
     post_norms: bool = False                  # the extra norm after attention and after the MLP
     query_pre_attn_scalar: float | None = None  # None: scale by head_dim^-½

@@ -41,15 +41,32 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p):
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise InputError(f"temperature must be ≥ 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise InputError(f"top_k must be ≥ 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+SEED_LIMIT = 2 ** 63  # torch.Generator.manual_seed takes a signed 64-bit integer
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed):
+    """Every sampling argument checked before anything is allocated (NaN fails each comparison, so the
+    ranges are written as what is allowed)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
+        raise InputError(f"temperature must be a finite number ≥ 0, got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise InputError(f"top_k must be an integer ≥ 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
+        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+
+
+def check_length(cfg, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that, with the tokens asked for, runs past the decoder's trained positions
+    (GemmaConfig.max_positions): checked before the cache is allocated, so 10⁹ new tokens fail at once."""
+    limit = cfg.text.max_positions
+    if prompt_tokens + max_new_tokens > limit:
+        raise InputError(f"The prompt is {prompt_tokens} tokens (image tokens included) and max_new_tokens is "
+                         f"{max_new_tokens}: {prompt_tokens + max_new_tokens} positions, but the model has "
+                         f"{limit}. Shorten the prompt or ask for at most {max(limit - prompt_tokens, 0)} new tokens")
 
 
 def _step(model: PaliGemma, tokens, pos, cache, mask):
@@ -83,10 +100,11 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
     compiled steps are the same function of tensors, the slot `pos` included; falls back to eager
     where compile fails. on_token(tokens) is called with each step's (B,) new ids as they are decoded
     (rows already done get pad), so a caller can show the answer appearing (sample.py streams it)."""
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     cfg, dev = model.cfg, model.device
-    batch = {k: v.to(dev) for k, v in batch.items()}
     B, T = batch["input_ids"].shape
+    check_length(cfg, T, max_new_tokens)
+    batch = {k: v.to(dev) for k, v in batch.items()}
     max_len = max_len or T + max_new_tokens
     if T + max_new_tokens > max_len:
         raise InputError(f"The prompt is {T} tokens and {max_new_tokens} new tokens were asked for, "
@@ -133,9 +151,9 @@ def generate(model: PaliGemma, processor: Processor, images, prompts, max_new_to
     `prompts` may be one string for all images. With return_ids, (texts, new token ids) are returned."""
     if isinstance(prompts, str):
         prompts = [prompts] * (len(images) if isinstance(images, (list, tuple)) else 1)
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise InputError(f"Prompt {i} is empty: give a task prefix such as 'caption en' or 'detect cat'")
+    # An empty prompt is a valid input (the prefix is then the image and BOS "\n"): transformers
+    # generates from it, and so do we. Length and arguments are checked before the image is processed.
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     batch = processor(images=images, prompts=prompts)
     ids = generate_ids(model, batch, max_new_tokens, temperature, top_k, top_p, seed, compile=compile,
                        on_token=on_token)

@@ -79,6 +79,9 @@ class PaliGemma(nn.Module):
         """The decoder's final-normed hidden states (B, T, D) for a whole prompt, and its mask.
 
         With a cache, keys/values are written to slots 0..T-1 (the prefill of generation)."""
+        if input_ids.shape[1] > self.cfg.text.max_positions:
+            raise ValueError(f"input_ids hold {input_ids.shape[1]} tokens; the decoder has "
+                             f"{self.cfg.text.max_positions} positions (text_config.max_position_embeddings)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = PrefixLMMask.from_batch(attention_mask, token_type_ids)

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse larger images (PIL's own bomb limit is ~179 MP)
 
@@ -26,7 +26,12 @@ class InputError(ValueError):
 
 
 def load_image(image) -> Image.Image:
-    """A PIL image from a path or a PIL image, with one clear error for every way it can be bad."""
+    """A PIL image from a path or a PIL image, with one clear error for every way it can be bad.
+
+    A file is turned as its EXIF orientation says (a phone's portrait JPEG is stored sideways with a tag
+    saying so), as every image viewer and transformers' `load_image` do, so the model sees, and boxes
+    are drawn on, what a person sees. A PIL image passed in is used as given, pixels as stored (as
+    transformers' processor does): open it with `load_image(path)`, or apply `PIL.ImageOps.exif_transpose`."""
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.isfile(path):
@@ -35,7 +40,7 @@ def load_image(image) -> Image.Image:
             with Image.open(path) as im:
                 _check_size(im, path)
                 im.load()
-                return im.copy()
+                return ImageOps.exif_transpose(im)  # a copy, turned when the file says so
         except Image.DecompressionBombError as e:
             raise InputError(f"Image {path} is too large: {e}") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
@@ -149,9 +154,31 @@ class Processor:
 
     @classmethod
     def for_model(cls, tokenizer_path: str, cfg, **switches) -> "Processor":
-        """The processor of a model config (a PaliGemmaConfig): its image size, image token count and ids."""
-        return cls(tokenizer_path, cfg.vision.image_size, cfg.num_image_tokens, cfg.image_token_id,
-                   cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, **switches)
+        """The processor of a model config (a PaliGemmaConfig): its image size, image token count and ids,
+        refusing a tokenizer that does not fit the model's embedding (`check_fits`)."""
+        processor = cls(tokenizer_path, cfg.vision.image_size, cfg.num_image_tokens, cfg.image_token_id,
+                        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, **switches)
+        processor.check_fits(cfg.text.vocab_size, tokenizer_path)
+        return processor
+
+    def check_fits(self, vocab_size: int, name: str) -> None:
+        """A tokenizer of another model loads fine and answers in the wrong words: refuse one whose pieces
+        outnumber the embedding's rows, whose <loc>/<seg> ids fall past them, or whose own `<image>` piece
+        (PaliGemma's tokenizer.model has none: docs/files.md#token-ids) is not the model's image id."""
+        n, problems = self.sp.get_piece_size(), []
+        if n > vocab_size:
+            problems.append(f"it has {n} pieces, the model's embedding {vocab_size} rows")
+        for what, first, count in (("<loc0000>..<loc1023>", self.loc0, 1024), ("<seg000>..<seg127>", self.seg0, 128)):
+            if first is not None and first + count > vocab_size:
+                problems.append(f"its {what} ids {first}..{first + count - 1} pass the {vocab_size} embedding rows")
+        image = self.sp.piece_to_id("<image>")
+        if image != self.sp.unk_id() and image != self.image_token_id:
+            problems.append(f"its <image> piece is id {image}, the model's image token id {self.image_token_id}")
+        elif image == self.sp.unk_id() and self.image_token_id < n:
+            problems.append(f"the model's image token id {self.image_token_id} is its text piece "
+                            f"{self.sp.id_to_piece(self.image_token_id)!r}")
+        if problems:
+            raise InputError(f"{name} does not fit this model: " + "; ".join(problems))
 
     def _first_id(self, fmt: str, count: int) -> int | None:
         """Id of <loc0000> / <seg000>; None if the tokenizer lacks them. The rest must follow

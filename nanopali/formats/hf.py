@@ -23,7 +23,7 @@ import torch
 from ..config import PaliGemmaConfig, from_hf_config, to_hf_config
 from ..model import PaliGemma
 from ..vit import resample_pos_embed
-from .files import CheckpointError, atomic_write, resolve_device, resolve_dtype, weight_files
+from .files import CheckpointError, atomic_write, read_safetensors_header, resolve_device, resolve_dtype, weight_files
 from .strict import SKIP, assign, load_strict, safetensors_sources
 
 
@@ -92,6 +92,37 @@ def hub_names(cfg: PaliGemmaConfig) -> list[str]:
 def nanopali_names(cfg: PaliGemmaConfig) -> dict[str, str]:
     """nanopali parameter name → hub name, for saving in the layout the released files use."""
     return {paligemma_name(k, cfg.generation): k for k in hub_names(cfg)}
+
+
+_LAYER = {"text": re.compile(r"language_model\.(?:model\.)?layers\.(\d+)\."),
+          "vision": re.compile(r"vision_tower\.(?:encoder\.layers|blocks)\.(\d+)\.")}
+_EMBEDDING = ("language_model.model.embed_tokens.weight", "language_model.embed.weight")
+
+
+def check_config_against_headers(cfg: PaliGemmaConfig, files: list[str], config_path: str) -> None:
+    """Refuse a config.json whose sizes the weights contradict, from the files' headers alone (no tensor
+    is read, nothing is built): the layer counts of both towers and the embedding's rows and width.
+    Without it a config of 100,000 layers is found out only after the model is built on the meta
+    device (minutes, gigabytes of module objects); the strict loader would then name every tensor."""
+    layers = {"text": set(), "vision": set()}
+    embedding = None
+    for path in files:
+        for key, info in read_safetensors_header(path)[0].items():
+            key = canonical_hf_name(key)
+            for tower, pattern in _LAYER.items():
+                if m := pattern.match(key):
+                    layers[tower].add(int(m.group(1)))
+            if key in _EMBEDDING and len(info["shape"]) == 2:
+                embedding = info["shape"]
+    problems = [f"{field} is {want}; the weights hold {max(found) + 1} {tower} layers"
+                for tower, field, want in (("text", "text_config.num_hidden_layers", cfg.text.depth),
+                                           ("vision", "vision_config.num_hidden_layers", cfg.vision.depth))
+                if (found := layers[tower]) and max(found) + 1 != want]
+    if embedding is not None and tuple(embedding) != (cfg.text.vocab_size, cfg.text.width):
+        problems.append(f"text_config vocab_size x hidden_size is {cfg.text.vocab_size} x {cfg.text.width}; the "
+                        f"token embedding is {embedding[0]} x {embedding[1]}")
+    if problems:
+        raise CheckpointError(f"{config_path} does not match the weights in {', '.join(files)}: " + "; ".join(problems))
 
 
 def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device, resample_pos: bool = False,
@@ -192,6 +223,7 @@ def load_paligemma_model(path: str, dtype=torch.float32, device="cpu", attn_impl
                                   f"{cfg.vision.patch_size}")
         cfg = replace(cfg, vision=replace(cfg.vision, image_size=image_size))
     files = weight_files(path)
+    check_config_against_headers(cfg, files, os.path.join(path, "config.json"))
     saved = read_quantization(path)
     if saved is not None:
         model = _load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size, image_size)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 _OBJECT = re.compile(r"((?:<loc\d{4}>){4})\s*([^;<]*)")
 _BIN = re.compile(r"<loc(\d{4})>")
@@ -63,13 +63,18 @@ def draw_detections(image: Image.Image, detections: list[Detection], width: int 
     im = image.convert("RGB").copy()
     d = ImageDraw.Draw(im)
     lw = width or max(2, round(min(im.size) / 150))
+    size = max(11, round(min(im.size) / 28))   # ~17 px on a 640x480 photo: readable at a glance
+    try:
+        font = ImageFont.load_default(size=size)
+    except (TypeError, OSError):               # Pillow < 10.1 or without FreeType: the fixed small font
+        font, size = ImageFont.load_default(), 11
     for i, det in enumerate(detections):
         colour = PALETTE[i % len(PALETTE)]
         x0, y0, x1, y1 = det.box
         d.rectangle((x0, y0, x1, y1), outline=colour, width=lw)
         if det.label:
-            tx, ty = x0 + lw, max(0, y0 - 12 - lw) if y0 >= 12 + lw else y0 + lw
-            left, top, right, bottom = d.textbbox((tx, ty), det.label)
-            d.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
-            d.text((tx, ty), det.label, fill=(255, 255, 255))
+            tx, ty = x0 + lw, max(0, y0 - size - 2 * lw) if y0 >= size + 2 * lw else y0 + lw
+            left, top, right, bottom = d.textbbox((tx, ty), det.label, font=font)
+            d.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=colour)
+            d.text((tx, ty), det.label, fill=(255, 255, 255), font=font)
     return im
