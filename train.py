@@ -5,156 +5,45 @@
     torchrun --nproc_per_node 8 train.py recipes/caption_full_pg2_3b.py --init=... --parallel=fsdp
     python train.py recipes/vqa_attn_16gb_pg1.py --init=CKPT_DIR --estimate-memory   # allocates nothing
 
-A recipe is a file of `name = value` lines in Python literal syntax (comments allowed; nothing is
-executed: each value goes through ast.literal_eval) or a JSON object; names are the flags with '_'
-for '-' (booleans True/False, lists for comma-separated flags). Later sources win: recipe files in
-order, then command-line flags. The effective flags are written to <out-dir>/run.json, itself a
-recipe. The result, <out-dir>, is a HF-layout checkpoint that nanopali.load(out_dir) reads (LoRA
-merged in; the adapters alone in <out-dir>/lora). The pieces (presets, loss, step, checkpoints) live in nanopali/train/.
+A recipe is a file of flags (`name = value` lines, read without running code: nanopali/train/flags.py);
+the command line wins over it. The effective flags go to <out-dir>/run.json, itself a recipe, with the
+history of resumes. One run at a time writes into an <out-dir> (a lock); Ctrl-C stops after the step,
+saves a checkpoint and says how to continue. The result, <out-dir>, is a HF-layout
+checkpoint that nanopali.load(out_dir) reads (LoRA merged in; the adapters alone in <out-dir>/lora).
+The pieces (presets, loss, step, checkpoints, the run directory) live in nanopali/train/.
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
 import torch.distributed as dist
 
 import nanopali
-from nanopali.train import finetune, parallel, resume
-from nanopali.formats.files import resolve_dtype
+from nanopali.train import finetune, flags, parallel, resume, run_dir
+from nanopali.formats.files import CheckpointError, resolve_dtype
 from nanopali.formats.hf import read_paligemma_config, read_quantization
 from nanopali.config import PRESETS, from_hf_config, preset
 from nanopali.train.data import DataError, DataOrder, collate, load_examples
 from nanopali.train.cost import estimate_memory, peak_flops
 from nanopali.train.progress import Progress
+from nanopali.train.run_dir import RunError
 from nanopali.train.evaluate import evaluate_held_out
-from nanopali.train.lora import TARGETS, LoRAConfig, apply_lora, load_adapters, save_adapters
+from nanopali.train.lora import LoRAConfig, apply_lora, load_adapters, save_adapters
 from nanopali.model import PaliGemma
 from nanopali.processing import Processor
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipes", nargs="*", help="recipe files (.py of `name = value` lines, or .json) read before flags")
-    g = p.add_argument_group("model and data")
-    g.add_argument("--init", help="HF checkpoint directory to fine-tune; or, for random weights (training from "
-                   f"scratch), a config.json or a preset name ({', '.join(list(PRESETS)[:2])}, ...)")
-    g.add_argument("--tokenizer", help="tokenizer.model for a random --init (a checkpoint brings its own)")
-    g.add_argument("--data", help="training JSONL: one {\"image\", \"prefix\", \"suffix\"} object a line; image "
-                   "paths relative to the file; \"image\" may be a list")
-    g.add_argument("--eval-data", help="held-out JSONL, same format")
-    g.add_argument("--out-dir", default="runs/finetune", help="run directory: checkpoints/, run.json, the final model")
-    g.add_argument("--max-seq-len", type=int, help="longest sequence (image tokens + prefix + suffix + EOS); longer "
-                   "examples are bad lines (default: no limit)")
-    g.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
-                   help="drop bad examples (counted) instead of stopping")
-    g = p.add_argument_group("what trains")
-    g.add_argument("--trainable", default="all", choices=list(finetune.TRAINABLE),
-                   help="all; llm (decoder + embeddings; image encoder and projector frozen); attn (decoder "
-                   "attention q/k/v/o only: big_vision's 16 GB recipe); projector; lora (adapters only)")
-    g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
-    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha / r")
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    g.add_argument("--lora-targets", default=",".join(TARGETS), help="comma-separated decoder Linear names")
-    g.add_argument("--trainable-dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of trainable weights, "
-                   "their gradients and AdamW state (bf16: half the memory, as transformers in bf16; small "
-                   "updates round away)")
-    g.add_argument("--frozen-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of frozen weights "
-                   "(bf16/fp16 need --precision bf16/fp16)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype; fp16 adds a GradScaler; auto = bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per process")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch)")
-    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate the cosine decays towards")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (matrices only)")
-    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
-    g.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    g.add_argument("--loss-normalization", default="tokens", choices=finetune.LOSS_NORMALIZATIONS,
-                   help="tokens: mean over supervised tokens of the step (transformers); examples: mean of "
-                   "per-example means (big_vision)")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute each layer in backward (both towers)")
-    g.add_argument("--attn-impl", default="auto", choices=["auto", "reference", "sdpa", "triton"],
-                   help="attention implementation")
-    g.add_argument("--seed", type=int, default=0, help="seeds data order, LoRA init and dropout, random init")
-    g.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction, default=False,
-                   help="skip (and count) steps whose loss is NaN/inf instead of stopping")
-    g = p.add_argument_group("logging, evaluation, checkpoints")
-    g.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
-    g.add_argument("--metrics-file", help="append one JSON object per progress line and evaluation")
-    g.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (known GPUs are looked up)")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
-    g.add_argument("--eval-batch-size", type=int, default=8, help="examples per evaluation batch")
-    g.add_argument("--eval-max-examples", type=int, help="evaluate on the first N held-out examples")
-    g.add_argument("--eval-generate", action=argparse.BooleanOptionalAction, default=True,
-                   help="also greedy-decode and score exact match / box IoU")
-    g.add_argument("--eval-max-new-tokens", type=int, default=32, help="generation length at evaluation")
-    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
-    g.add_argument("--keep", type=int, default=3, help="step checkpoints to keep")
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="continue from <out-dir>/checkpoints/latest (start fresh if there is none yet)")
-    g = p.add_argument_group("devices")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: DDP (replicas) or "
-                   "FSDP2 (fully_shard per layer: weights, grads and AdamW state sharded)")
-    g.add_argument("--estimate-memory", action="store_true", help="print the expected peak memory per device and "
-                   "exit, allocating nothing (FSDP: under torchrun, or with WORLD_SIZE=N set, weights are divided)")
-    return p
+build_parser, read_recipe = flags.build_parser, flags.read_recipe  # the flags, as train.build_parser(), etc.
 
 
-def read_recipe(path: str) -> dict:
-    """{flag: value} from a recipe file; values are literals only, so reading it runs no code."""
-    text = open(path).read()
-    if path.endswith(".json"):
-        return json.loads(text)
-    out = {}
-    for node in ast.parse(text, path).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise SystemExit(f"{path}:{node.lineno}: a recipe holds only `name = literal` lines")
-        try:
-            out[node.targets[0].id] = ast.literal_eval(node.value)
-        except ValueError:
-            raise SystemExit(f"{path}:{node.lineno}: the value of {node.targets[0].id} is not a literal") from None
-    return out
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    options = {a.dest: a.option_strings for a in parser._actions if a.option_strings}
-    flags = []
-    for path in args.recipes:
-        for name, value in read_recipe(path).items():
-            if name not in options:
-                raise SystemExit(f"{path}: unknown flag {name!r}; see python train.py --help")
-            flag = options[name][0]
-            if isinstance(value, bool):  # True: the flag; False: its --no- form if it has one, else the default
-                flags += [flag] if value else [o for o in options[name] if o.startswith("--no-")]
-            elif value is not None:
-                flags.append(f"{flag}={','.join(value) if isinstance(value, (list, tuple)) else value}")
-    if flags:  # recipe values first, then the command line, so the command line wins
-        args = parser.parse_args(flags + argv)
-    if args.precision == "auto":
-        args.precision = "bf16" if torch.cuda.is_available() else "fp32"
-    if args.init is None:
-        parser.error("--init is required (a checkpoint directory or a preset name)")
-    if args.data is None and not args.estimate_memory:
-        parser.error("--data is required")
-    if args.frozen_dtype != "fp32" and args.precision == "fp32":
-        parser.error(f"--frozen-dtype {args.frozen_dtype} needs --precision bf16 or fp16 (mixed weights run under "
-                     "autocast)")
-    return args
+def parse_args(argv=None):
+    return flags.parse_args(argv, __doc__)
 
 
 def model_config(args):
@@ -167,12 +56,15 @@ def model_config(args):
     if not (os.path.isfile(args.init) or args.init in PRESETS):
         raise SystemExit(f"--init {args.init!r} is neither a checkpoint directory, a config.json nor a preset "
                          f"({', '.join(PRESETS)})")
-    if not args.tokenizer:
+    if not args.tokenizer and not args.estimate_memory:  # an estimate reads no text
         raise SystemExit(f"--init {args.init} means random weights: pass --tokenizer PATH/tokenizer.model")
     if args.init in PRESETS:
         return preset(args.init), args.tokenizer
-    with open(args.init) as f:
-        return from_hf_config(json.load(f)), args.tokenizer
+    try:
+        with open(args.init, encoding="utf-8") as f:
+            return from_hf_config(json.load(f)), args.tokenizer
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise SystemExit(f"--init {args.init}: {e}") from None
 
 
 def lora_config(args) -> LoRAConfig | None:
@@ -188,10 +80,14 @@ def build_model(args, cfg, resume_dir, device, materialize: bool) -> PaliGemma:
             model = PaliGemma(cfg)
     elif resume_dir is not None and args.trainable != "lora":
         model, _ = nanopali.load(resume_dir, torch.float32, device)
-    elif os.path.isdir(args.init):
-        model, _ = nanopali.load(args.init, torch.float32, device)
+    elif os.path.isdir(args.init):  # with --quantize-base quantized while reading: the float model is never held
+        model, _ = nanopali.load(args.init, torch.float32, device, quantize=args.quantize_base,
+                                 group_size=args.quantize_group_size)
     else:
         model = finetune.init_random(PaliGemma(cfg), args.seed).to(device)
+        if args.quantize_base:
+            from nanopali.train.qlora import quantize_base
+            quantize_base(model, args.quantize_base, args.quantize_group_size)
     lora = lora_config(args)
     if lora is not None:
         torch.manual_seed(args.seed)  # LoRA A init: the same on every rank and in every run
@@ -205,13 +101,31 @@ def build_model(args, cfg, resume_dir, device, materialize: bool) -> PaliGemma:
     return model.train()
 
 
+def estimate(args, cfg, seq: int):
+    return estimate_memory(cfg, args.trainable, batch=args.batch_size, seq_len=seq, precision=args.precision,
+                           trainable_dtype=args.trainable_dtype, frozen_dtype=args.frozen_dtype, lora=lora_config(args),
+                           grad_checkpointing=args.grad_checkpointing, fused_attention=args.attn_impl == "triton",
+                           shards=int(os.environ.get("WORLD_SIZE", 1)) if args.parallel == "fsdp" else 1,
+                           **({"quantize_base": args.quantize_base, "group_size": args.quantize_group_size}
+                              if args.quantize_base else {}))
+
+
+def check_memory(args, cfg, examples, device) -> None:
+    """Refuse, before the model is built, a run whose estimated peak for its longest example exceeds
+    what the device has free (a 64 GB random init on a 24 GB machine fails here, not in the allocator)."""
+    longest = max(ex.num_tokens for ex in examples)
+    est, free = estimate(args, cfg, longest), run_dir.available_memory(device)
+    if args.memory_check and free is not None and est.total > free:
+        raise RunError(f"This run needs ~{est.total / 2**30:.1f} GiB on {device} (batch {args.batch_size}, longest "
+                       f"example {longest} tokens), {free / 2**30:.1f} GiB are available. Lower --batch-size or "
+                       "--max-seq-len, or add --grad-checkpointing or --trainable lora; --no-memory-check tries "
+                       f"anyway.\n{est.table()}")
+
+
 def memory_report(args) -> str:
     cfg, _ = model_config(args)
     seq = args.max_seq_len or cfg.num_image_tokens + 32
-    est = estimate_memory(cfg, args.trainable, batch=args.batch_size, seq_len=seq, precision=args.precision,
-                          trainable_dtype=args.trainable_dtype, frozen_dtype=args.frozen_dtype, lora=lora_config(args),
-                          grad_checkpointing=args.grad_checkpointing, fused_attention=args.attn_impl == "triton",
-                          shards=int(os.environ.get("WORLD_SIZE", 1)) if args.parallel == "fsdp" else 1)
+    est = estimate(args, cfg, seq)
     return (f"{args.init}: {cfg.vision.image_size} px, seq {seq}, batch {args.batch_size}, trainable {args.trainable}, "
             f"precision {args.precision}, weights {args.trainable_dtype} (trainable) / {args.frozen_dtype} (frozen)"
             f"{', grad checkpointing' if args.grad_checkpointing else ''}\n{est.table()}")
@@ -225,29 +139,42 @@ def main(argv=None) -> int:
     rank, world, device = parallel.setup(args.device)
     try:
         return train(args, rank, world, device)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, RunError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C: no save (a step may be half done)
+        last = resume.latest(os.path.join(args.out_dir, "checkpoints")) if os.path.isdir(args.out_dir) else None
+        print(f"\ninterrupted; {'the last checkpoint, ' + last + ', is intact: continue with --resume' if last else 'no checkpoint was saved'}",
+              file=sys.stderr, flush=True)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def train(args, rank: int, world: int, device: torch.device) -> int:
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
     fsdp = world > 1 and args.parallel == "fsdp"
+    if fsdp and args.quantize_base:
+        raise RunError("--quantize-base runs on one GPU or under DDP; FSDP shards float parameters only")
+    lock = run_dir.claim(args.out_dir) if rank == 0 else None  # before any work: a second run or a read-only dir fails now
     ckpt_root = os.path.join(args.out_dir, "checkpoints")
     resume_dir = resume.latest(ckpt_root)
     if resume_dir is not None and not args.resume:
-        raise SystemExit(f"{ckpt_root} already holds checkpoints: pass --resume to continue, or another --out-dir")
+        raise RunError(f"{ckpt_root} already holds checkpoints: pass --resume to continue, or another --out-dir")
+    previous, flags = run_dir.read_run(args.out_dir), run_dir.recorded_flags(args)
+    allowed = {a for a in args.allow_changed.replace("-", "_").split(",") if a}
+    changed = run_dir.check_resume(flags, previous, allowed, args.out_dir) if resume_dir else {}
     cfg, tok = model_config(args)
     processor = Processor.for_model(tok, cfg)
-    data = load_examples(args.data, processor, args.max_seq_len, args.skip_bad)   # before the model: fail fast
-    evals = load_examples(args.eval_data, processor, args.max_seq_len, args.skip_bad) if args.eval_data else None
+    max_seq_len = args.max_seq_len or cfg.text.max_positions
+    data = load_examples(args.data, processor, max_seq_len, args.skip_bad)   # before the model: fail fast
+    evals = load_examples(args.eval_data, processor, max_seq_len, args.skip_bad) if args.eval_data else None
     for name, ds in (("train", data), ("eval", evals)):
         if ds is not None and ds.skipped:
             say(f"skipped {len(ds.skipped)} bad {name} example(s):\n  " + "\n  ".join(ds.skipped[:10]))
     examples, evals = data.examples, evals and evals.examples[:args.eval_max_examples]
+    check_memory(args, cfg, examples, device)
     if fsdp:  # rank 0 reads (or draws) the weights; every rank shards a meta copy and receives them
         full = build_model(args, cfg, resume_dir, "cpu", materialize=True).state_dict() if rank == 0 else {}
         model = build_model(args, cfg, resume_dir, device, materialize=False)
@@ -274,36 +201,37 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
     if resume_dir is not None:
         state = resume.restore(resume_dir, objective, optimizer, scaler, run_key)
         start, skipped = state["step"], state["nonfinite_skipped"]
-        say(f"resumed from {resume_dir} at step {start}")
+        for group, fresh in zip(optimizer.param_groups, finetune.param_groups(objective, args.weight_decay)):
+            group.update(weight_decay=fresh["weight_decay"], betas=(args.beta1, args.beta2))  # allowed changes apply
+        say(f"resumed from {resume_dir} at step {start}" + "".join(
+            f"; {k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
     elif args.resume:
         say(f"--resume: no checkpoint in {ckpt_root} yet, starting fresh")
     if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "run.json"), "w") as f:  # a recipe that reproduces the run
-            json.dump({k: v for k, v in vars(args).items() if k not in ("recipes", "resume", "estimate_memory")}, f,
-                      indent=2)
+        run_dir.write_run(args.out_dir, flags, previous if resume_dir else None, start, changed)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, args.precision)
     progress = Progress(cfg, device, world, peak, args.metrics_file if rank == 0 else None, start)
     say(f"{len(examples)} examples, {max_steps} steps of {B} x {A} (accumulation) x {world} (processes); "
         f"{sum(p.numel() for p in objective.parameters() if p.requires_grad):,} trainable parameters "
         f"({args.trainable}); precision {args.precision}; {device}")
-    lora = lora_config(args)
+    lora, quantization = lora_config(args), getattr(model, "quantization", None)
 
     def save(step):
         model_state, optim_state = resume.full_state(objective, optimizer)
         state = resume.train_state(step, optim_state, scaler, run_key, skipped)  # every rank: gathers RNG states
         if rank == 0:
-            say(f"saved {resume.save(ckpt_root, step, model_state, state, cfg, tok, lora, args.keep)}")
+            say(f"saved {resume.save(ckpt_root, step, model_state, state, cfg, tok, lora, args.keep, quantization)}")
         return model_state
 
     def run_eval(step):
         result = evaluate_held_out(objective, model, processor, evals, batch_size=args.eval_batch_size,
-                          precision=args.precision, generate=args.eval_generate,
-                          max_new_tokens=args.eval_max_new_tokens, sharded_params=fsdp)
+                                   precision=args.precision, generate=args.eval_generate,
+                                   max_new_tokens=args.eval_max_new_tokens, sharded_params=fsdp, report=say)
         say(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in result.items()))
         progress.write({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
 
+    stop = StopRequest(say) if world == 1 else None
     order = DataOrder(len(examples), args.seed)
     for step in range(start + 1, max_steps + 1):
         t0 = time.perf_counter()
@@ -326,9 +254,13 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
             say(f"step {step}: loss {result.loss} is not finite; skipped without an update ({skipped} so far)")
         else:
             progress.add(time.perf_counter() - t0, result.tokens, everyone)
-        if result.finite and (step % args.log_every == 0 or step == max_steps):
+        if result.finite and (step % args.log_every == 0 or step == max_steps or step == start + 1):
             say(progress.report(step, max_steps, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
                                 **({"nonfinite_skipped": skipped} if skipped else {})))
+        if stop is not None and stop.asked:
+            save(step)
+            say(f"stopped at step {step} of {max_steps}. Continue with the same command and --resume")
+            return 130
         if evals and args.eval_every and step % args.eval_every == 0:
             run_eval(step)
         if args.save_every and step % args.save_every == 0 and step != max_steps:
@@ -337,13 +269,32 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
         run_eval(max_steps)
     model_state = save(max_steps) if start < max_steps else resume.full_state(objective, optimizer)[0]
     if rank == 0:
-        resume.export(model_state, cfg, args.out_dir, tok, lora)
+        resume.export(model_state, cfg, args.out_dir, tok, lora, quantization)
         if lora is not None:
-            save_adapters(resume.model_from_state(cfg, model_state, lora), os.path.join(args.out_dir, "lora"))
+            save_adapters(resume.model_from_state(cfg, model_state, lora, quantization),
+                          os.path.join(args.out_dir, "lora"))
         say(f"wrote {args.out_dir} (nanopali.load reads it)")
     if world > 1:
         dist.barrier()  # leave together: a rank that exits while rank 0 still writes can abort the group
+    del lock
     return 0
+
+
+class StopRequest:
+    """Ctrl-C asks the loop to stop after the current step and save (a step cut in half would leave
+    the weights and the optimizer out of step); a second Ctrl-C quits at once without saving."""
+
+    def __init__(self, say):
+        self.asked, self.say = False, say
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self)
+
+    def __call__(self, signum, frame):
+        if self.asked:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.asked = True
+        self.say("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again quits without saving)")
 
 
 if __name__ == "__main__":

@@ -115,13 +115,22 @@ def weight_files(ckpt_dir: str) -> list[str]:
     raise CheckpointError(f"No model.safetensors or model.safetensors.index.json in {ckpt_dir}")
 
 
+def file_mode() -> int:
+    """The mode a plain new file gets under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str, write) -> None:
-    """write(tmp_path), fsync, then os.replace: a crash leaves the old file or the new, never half."""
+    """write(tmp_path), fsync, then os.replace: a crash leaves the old file or the new, never half.
+    The file gets the mode of a plain new file (safetensors' writer would leave it 0600)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

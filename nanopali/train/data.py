@@ -79,8 +79,14 @@ def _records(source):
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise DataError(f"Data file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is named with its line
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield f"{path}:{i}", InputError(f"not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                                                    f"{e.start + 1})"), None
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -112,7 +118,8 @@ def load_examples(source, processor: Processor, max_seq_len: int | None = None, 
             if max_seq_len is not None and ex.num_tokens > max_seq_len:
                 raise InputError(f"{ex.num_tokens} tokens ({len(ex.images)} image(s) x {processor.num_image_tokens} "
                                  f"+ {len(prompt) - len(ex.images) * processor.num_image_tokens} prefix + "
-                                 f"{ex.num_targets} suffix) exceed --max-seq-len {max_seq_len}")
+                                 f"{ex.num_targets} suffix) exceed --max-seq-len {max_seq_len} (default: the "
+                                 "model's positions)")
             good.append(ex)
         except InputError as e:
             bad.append(f"{where}: {e}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import time
 
 import torch
 
@@ -34,6 +35,7 @@ class Progress:
             with open(metrics_path, "w") as f:
                 f.writelines(keep)
         self._reset()
+        self.started, self.start_step = time.perf_counter(), resumed_step
 
     def _reset(self):
         self.seconds, self.tokens, self.flops = 0.0, 0, 0.0
@@ -48,9 +50,13 @@ class Progress:
         tps = self.tokens / max(self.seconds, 1e-9)
         mfu = self.flops / max(self.seconds, 1e-9) / (self.peak * self.world) if self.peak else None
         peak = peak_memory_gib(self.device)
-        self.write({"step": step, **values, "tokens_per_s": tps, "mfu": mfu, "peak_mem_gib": peak})
+        self.write({"step": step, **values, "tokens_per_s": tps, "mfu": mfu, "peak_mem_gib": peak,
+                    "elapsed_s": round(time.perf_counter() - self.started, 3)})
         self._reset()
-        parts = [f"step {step}/{max_steps}"] + [f"{k.replace('_', ' ')} {v:.4g}" for k, v in values.items()]
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(step - self.start_step, 1) * (max_steps - step)  # this run's mean step time
+        parts = [f"step {step}/{max_steps}", f"{clock(elapsed)} elapsed, {clock(eta)} left"]
+        parts += [f"{k.replace('_', ' ')} {v:.4g}" for k, v in values.items()]
         parts += [f"{tps:,.0f} tok/s", f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else '-'}",
                   f"peak {'mem' if self.device.type == 'cuda' else 'rss'} {peak:.2f} GiB"]
         return " | ".join(parts)
@@ -59,3 +65,9 @@ class Progress:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def clock(seconds: float) -> str:
+    """12s, 3m05s, 2h07m."""
+    s = int(round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"

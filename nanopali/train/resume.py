@@ -10,13 +10,16 @@
 A save writes everything into `step_000120.tmp<pid>/`, fsyncs each file and the directory, renames
 it to `step_000120` (os.replace of a directory is atomic) and only then rewrites `latest` with
 `atomic_write`. A kill at any moment leaves `latest` naming a complete directory; a half-written
-`.tmp` directory is removed by the next save. The learning-rate schedule and the data order are pure
+`.tmp` directory is removed by the next save (or by run_dir.claim at the next start). A save that
+cannot finish (disk full) removes its partial directory and says how much space it needs; a damaged
+`latest` or train_state.pt is named, with the step directories that remain. The learning-rate schedule and the data order are pure
 functions of the step (finetune.lr_at, data.DataOrder), so the step is their whole state.
 train_state.pt is our own file but is still read with torch.load(weights_only=True): tensors,
 numbers, strings and containers only, no code.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -28,9 +31,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_optimizer_state_dict)
 
 from ..config import PaliGemmaConfig
-from ..formats.files import atomic_write
+from ..formats.files import atomic_write, file_mode
 from ..formats.hf import save_checkpoint
 from .lora import apply_lora, merge_lora, save_adapters
+from .run_dir import LEFTOVER, RunError
 from ..model import PaliGemma
 
 STATE_FILE, LATEST = "train_state.pt", "latest"
@@ -49,8 +53,12 @@ def full_state(objective: nn.Module, optimizer) -> tuple[dict, dict]:
     return {k.removeprefix("model."): v for k, v in msd.items()}, osd
 
 
-def model_from_state(cfg: PaliGemmaConfig, state: dict, lora=None) -> PaliGemma:
-    """A PaliGemma holding the tensors of `state` without copying them (built on the meta device)."""
+def model_from_state(cfg: PaliGemmaConfig, state: dict, lora=None, quantization: dict | None = None) -> PaliGemma:
+    """A PaliGemma holding the tensors of `state` without copying them (built on the meta device);
+    quantization ({"scheme", "group_size"}): the state of a QLoRA run, whose base is quantized."""
+    if quantization is not None:
+        from .qlora import model_from_state as quantized_model_from_state
+        return quantized_model_from_state(cfg, state, quantization, lora)
     with torch.device("meta"):
         model = PaliGemma(cfg)
         if lora is not None:
@@ -59,9 +67,14 @@ def model_from_state(cfg: PaliGemmaConfig, state: dict, lora=None) -> PaliGemma:
     return model
 
 
-def export(model_state: dict, cfg: PaliGemmaConfig, out_dir: str, tokenizer_path: str, lora=None) -> None:
-    """The trained model in HF layout (LoRA merged in), so `nanopali.load(out_dir)` runs it."""
-    model = model_from_state(cfg, model_state, lora)
+def export(model_state: dict, cfg: PaliGemmaConfig, out_dir: str, tokenizer_path: str, lora=None,
+           quantization: dict | None = None) -> None:
+    """The trained model in HF layout (LoRA merged in), so `nanopali.load(out_dir)` runs it. A QLoRA
+    run's is its quantized base dequantized with the adapters merged, in bf16 (qlora.export_merged)."""
+    model = model_from_state(cfg, model_state, lora, quantization)
+    if quantization is not None:
+        from .qlora import export_merged
+        return export_merged(model, out_dir, tokenizer_path)
     save_checkpoint(merge_lora(model) if lora is not None else model, out_dir, tokenizer_path)
 
 
@@ -77,23 +90,56 @@ def _fsync_dir(path: str, files: bool = False) -> None:
         os.close(fd)
 
 
+def _bytes(obj) -> int:
+    """Bytes of every tensor in a nested state (what a save writes, give or take headers)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_bytes(v) for v in obj.values())
+    return sum(_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+
+
+def _disk_full(e: BaseException) -> bool:
+    # torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected pos")
+    return getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or "No space left" in str(e)
+
+
 def save(root: str, step: int, model_state: dict, train_state: dict, cfg: PaliGemmaConfig, tokenizer_path: str,
-         lora=None, keep: int = 3) -> str:
+         lora=None, keep: int = 3, quantization: dict | None = None) -> str:
     """Write step directory `step` atomically, point `latest` at it, keep the newest `keep`. Rank 0 only."""
     os.makedirs(root, exist_ok=True)
-    for name in os.listdir(root):                  # leftovers of saves that were killed
-        if ".tmp" in name or ".old" in name:
+    for name in os.listdir(root):                  # leftovers of this run's saves that were killed
+        if LEFTOVER.fullmatch(name):
             path = os.path.join(root, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     name = f"step_{step:06d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f"{name}.tmp{os.getpid()}")
-    os.makedirs(tmp)
-    if lora is not None:
-        save_adapters(model_from_state(cfg, model_state, lora), tmp)
-    else:
-        save_checkpoint(model_from_state(cfg, model_state), tmp, tokenizer_path)
-    torch.save(train_state, os.path.join(tmp, STATE_FILE))
-    _fsync_dir(tmp, files=True)
+    weights = {k: v for k, v in model_state.items() if ".lora_" in k} if lora is not None else model_state
+    need, free = _bytes(weights) + _bytes(train_state), shutil.disk_usage(root).free
+    try:
+        last = latest(root)
+    except RunError:
+        last = None
+    kept = f"the last checkpoint ({last}) is intact" if last else "no earlier step was saved"
+    if need > free:
+        raise RunError(f"Not enough disk space to save step {step} in {root}: it needs ~{need / 1e9:.2f} GB, "
+                       f"{free / 1e9:.2f} GB are free; {kept}. Free space, then continue with --resume")
+    try:
+        os.makedirs(tmp)
+        if lora is not None:
+            save_adapters(model_from_state(cfg, model_state, lora, quantization), tmp)
+        else:
+            save_checkpoint(model_from_state(cfg, model_state), tmp, tokenizer_path)
+        torch.save(train_state, os.path.join(tmp, STATE_FILE))
+        for f in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, f), file_mode())
+        _fsync_dir(tmp, files=True)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = (f"the disk is full (the save needs ~{need / 1e9:.2f} GB; {shutil.disk_usage(root).free / 1e9:.2f} GB "
+               "free now)" if _disk_full(e) else f"{type(e).__name__}: {e}")
+        raise RunError(f"Saving step {step} in {root} failed: {why}. The partial save was removed; {kept}. "
+                       "Fix the cause, then continue with --resume") from None
     if os.path.exists(final):                      # the same step saved by an earlier, interrupted run
         os.replace(final, f"{final}.old{os.getpid()}")
     os.replace(tmp, final)
@@ -104,25 +150,47 @@ def save(root: str, step: int, model_state: dict, train_state: dict, cfg: PaliGe
         if old != name:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     for n in os.listdir(root):
-        if ".old" in n:
+        if LEFTOVER.fullmatch(n) and ".old" in n:
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
     return final
 
 
+def _steps(root: str) -> str:
+    names = sorted(n for n in os.listdir(root) if _STEP_DIR.fullmatch(n)) if os.path.isdir(root) else []
+    return ", ".join(names) or "none"
+
+
 def latest(root: str) -> str | None:
-    """The newest complete step directory under root, or None when there is none yet."""
+    """The newest complete step directory under root, or None when there is none yet. `latest` must
+    name a step directory of this root: never a path elsewhere (another run's checkpoint)."""
     path = os.path.join(root, LATEST)
     if not os.path.isfile(path):
         return None
-    step_dir = os.path.join(root, open(path).read().strip())
+    with open(path, "rb") as f:
+        raw = f.read(256)
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    fix = f"write the name of a complete step directory into it (here: {_steps(root)})"
+    if name is None or not _STEP_DIR.fullmatch(name):
+        shown = raw[:40].decode("utf-8", "replace")
+        raise RunError(f"{path} is damaged: it should hold a step directory's name, it holds {shown!r}; {fix}")
+    step_dir = os.path.join(root, name)
     if not os.path.isfile(os.path.join(step_dir, STATE_FILE)):
-        raise RuntimeError(f"{path} names {step_dir}, which has no {STATE_FILE}: the checkpoint directory was "
-                           "altered by hand; point `latest` at a complete step directory")
+        raise RunError(f"{path} names {step_dir}, which has no {STATE_FILE}: the checkpoint directory was "
+                       f"altered by hand; {fix}")
     return step_dir
 
 
 def read_train_state(step_dir: str) -> dict:
-    return torch.load(os.path.join(step_dir, STATE_FILE), map_location="cpu", weights_only=True)
+    path = os.path.join(step_dir, STATE_FILE)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # torch: "PytorchStreamReader failed ..."
+        raise RunError(f"{path} is damaged or truncated ({str(e).splitlines()[0][:120]}). Resume from another "
+                       f"step: point {os.path.join(os.path.dirname(step_dir), LATEST)} at one of "
+                       f"{_steps(os.path.dirname(step_dir))}") from None
 
 
 def rng_state() -> dict:
