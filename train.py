@@ -231,6 +231,8 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
                                                 for k, v in result.items()))
         progress.write({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
 
+    if evals and args.eval_every and start == 0:
+        run_eval(0)  # the starting point: what the fine-tune is measured against
     stop = StopRequest(say) if world == 1 else None
     order = DataOrder(len(examples), args.seed)
     for step in range(start + 1, max_steps + 1):

@@ -2,7 +2,7 @@
 # prompts of nanopali/shapes.py; the image encoder and projector come from stage 0 and stay frozen.
 #   python -m nanopali.shapes runs/tiny-shapes/data       # data, tokenizer, stage 0 (~1 min on 2 CPU cores)
 #   python train.py recipes/tiny_shapes.py                # this stage (~27 min on 2 CPU cores)
-#   cp runs/tiny-shapes/{config.json,model.safetensors,tokenizer.model} nanopali/assets/tiny-shapes/
+#   python sample.py --checkpoint runs/tiny-shapes     # the result (the shipped copy stays as it is)
 init = "runs/tiny-shapes/data/init"
 data = "runs/tiny-shapes/data/train.jsonl"
 eval_data = "runs/tiny-shapes/data/eval.jsonl"
@@ -18,7 +18,7 @@ warmup_steps = 50
 weight_decay = 0.0
 grad_clip = 1.0
 seed = 0
-log_every = 100
+log_every = 25                  # a line every ~6 s on 2 cores
 eval_every = 1000
 eval_max_examples = 200
 eval_batch_size = 50
