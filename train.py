@@ -81,13 +81,14 @@ def build_model(args, cfg, resume_dir, device, materialize: bool) -> PaliGemma:
     elif resume_dir is not None and args.trainable != "lora":
         model, _ = nanopali.load(resume_dir, torch.float32, device)
     elif os.path.isdir(args.init):  # with --quantize-base quantized while reading: the float model is never held
-        model, _ = nanopali.load(args.init, torch.float32, device, quantize=args.quantize_base,
+        dtype = resolve_dtype(args.frozen_dtype) if args.quantize_base else torch.float32  # the scales' dtype
+        model, _ = nanopali.load(args.init, dtype, device, quantize=args.quantize_base,
                                  group_size=args.quantize_group_size)
     else:
         model = finetune.init_random(PaliGemma(cfg), args.seed).to(device)
         if args.quantize_base:
             from nanopali.train.qlora import quantize_base
-            quantize_base(model, args.quantize_base, args.quantize_group_size)
+            quantize_base(model, args.quantize_base, args.quantize_group_size, resolve_dtype(args.frozen_dtype))
     lora = lora_config(args)
     if lora is not None:
         torch.manual_seed(args.seed)  # LoRA A init: the same on every rank and in every run

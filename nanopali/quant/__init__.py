@@ -1,4 +1,5 @@
-"""Weight-only int8 / int4 quantization for inference (not part of the PaliGemma papers).
+"""Weight-only int8 / int4 quantization for inference (not part of the PaliGemma papers), and the frozen
+base that LoRA trains through (QLoRA: train/qlora.py; the layers are differentiable w.r.t. their input).
 
     weight_only.py  the math (quantize / dequantize, plain PyTorch): the reference path
     modules.py      QuantizedLinear and QuantizedEmbedding (the tied LM head): torch's packed int8 / int4

@@ -2,7 +2,9 @@
 
 Each layer has the reference path (weight_only.py: dequantize, then a dense matmul), used for many rows
 (prefill), and a fast path through torch's own packed kernels for few rows (decoding); a kernel this
-torch build or device lacks falls back to the reference with one log line.
+torch build or device lacks falls back to the reference with one log line. An input that needs a
+gradient (LoRA on a frozen quantized base: train/qlora.py) goes through `_FrozenMatmul`, which
+dequantizes again in backward instead of keeping a float weight.
 """
 from __future__ import annotations
 
@@ -176,19 +178,49 @@ class QuantizedWeight(nn.Module):
         return self.dequantize()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) → x · Wᵀ (..., N), in x's dtype."""
+        """x (..., K) → x · Wᵀ (..., N), in x's dtype (under autocast, in autocast's dtype when x needs a
+        gradient, as nn.Linear would be)."""
         x2 = x.reshape(-1, x.shape[-1])                                         # (M, K)
+        if x2.requires_grad and torch.is_grad_enabled():
+            return self._frozen_matmul(x2).view(*x.shape[:-1], -1)
         y = self._fast(x2) if x2.shape[0] <= DECODE_MAX_ROWS[self.scheme] else None
         if y is None:
             y = self._dense(x2)
         return y.view(*x.shape[:-1], -1)
 
+    def _frozen_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Training through the frozen weight (QLoRA, train/qlora.py): differentiable w.r.t. x only.
+        autocast does not reach a custom Function's backward, so x is cast to autocast's dtype here
+        (as nn.Linear's inputs would be) and both passes run in it with autocast off."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):
+            return _FrozenMatmul.apply(x, self)
+
+    def _dense_t(self, g: torch.Tensor) -> torch.Tensor:
+        """g (M, N) → g · W (M, K): the input gradient of x · Wᵀ, DENSE_CHUNK weights dequantized at a
+        time. The chunks split N, so their products are summed in float32: the running sum is not rounded
+        to a bf16 activation dtype at every chunk."""
+        step = max(1, DENSE_CHUNK // self.in_features)
+        if step >= self.out_features:
+            return g @ self.dequantize(dtype=g.dtype)
+        out = torch.zeros(g.shape[0], self.in_features, dtype=torch.float32, device=g.device)
+        for n in range(0, self.out_features, step):
+            out += g[:, n: n + step] @ self.dequantize(slice(n, n + step), g.dtype)
+        return out.to(g.dtype)
+
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         step = max(1, DENSE_CHUNK // self.in_features)
         if step >= self.out_features:
             return F.linear(x, self.dequantize(dtype=x.dtype))
-        return torch.cat([F.linear(x, self.dequantize(slice(n, n + step), x.dtype))
-                          for n in range(0, self.out_features, step)], -1)     # (M, N)
+        y = None
+        for n in range(0, self.out_features, step):
+            part = F.linear(x, self.dequantize(slice(n, n + step), x.dtype))   # (M, step)
+            if y is None:   # filled in place: the chunks' products are never held beside their concatenation
+                y = part.new_empty(x.shape[0], self.out_features)             # (M, N)
+            y[:, n: n + step] = part
+        return y
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.scheme == "int8":   # (x · qᵀ) · s; the scales must come in x's dtype
@@ -212,6 +244,9 @@ class QuantizedWeight(nn.Module):
                 if (self.scale.device.type == "cpu" and self.out_features % CPU_BLOCK == 0
                         and cpu_layout_known()):
                     self._cpu_packed, self.qweight = self._packed[key][0], None
+                    sz = self._packed[key][1]
+                    if sz.dtype == self.scale.dtype:   # scale and zero: views of the kernel's table, no second copy
+                        self.scale, self.zero = sz[..., 0].t(), sz[..., 1].t()               # (N, K/G) each
         packed, sz = self._packed[key]
         return packed, self.group_size, sz
 
@@ -224,9 +259,7 @@ class QuantizedWeight(nn.Module):
         if self.scheme != "int4" or self.scale.device.type != "cpu" or self.out_features % CPU_BLOCK:
             return
         _, _, sz = self._int4_packed(dtype)
-        if self.qweight is None and sz.dtype == self.scale.dtype:   # scale and zero: views of the kernel's table
-            self.scale, self.zero = sz[..., 0].t(), sz[..., 1].t()   # (N, K/G) each, no second copy
-        elif self.qweight is None:
+        if self.qweight is None and sz.dtype != self.scale.dtype:   # else already views of the kernel's table
             self.scale, self.zero = self.scale.clone(), self.zero.clone()
 
     def _portable_nibbles(self) -> torch.Tensor:
@@ -251,6 +284,21 @@ class QuantizedWeight(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{g}, dtype={self.dtype}"
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """x · Wᵀ for a frozen quantized W, with dL/dx = dL/dy · W and no gradient for W. Only the layer is
+    kept for backward, not a float W: backward dequantizes again, a chunk at a time, so no float copy of
+    a whole weight outlives its chunk (the 257,216-row LM head would be 1.2 GB in bf16, per micro-batch)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantizedWeight") -> torch.Tensor:
+        ctx.layer = layer
+        return layer._dense(x)                                                  # (M, N)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return ctx.layer._dense_t(g.contiguous()), None                        # (M, K)
 
 
 class QuantizedLinear(QuantizedWeight):

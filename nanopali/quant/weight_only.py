@@ -115,6 +115,8 @@ def quantize_weight(w: torch.Tensor, scheme: str, group_size: int | None = None,
     if scheme not in ("int8", "int4"):
         raise ValueError(f"Unknown quantization scheme {scheme!r}; known: 'int8', 'int4'")
     names = ("qweight", "scale") if scheme == "int8" else ("qweight", "scale", "zero")
+    if w.is_meta:   # a skeleton to be filled (a loader, the memory estimate): shapes only, no arithmetic
+        return dict(zip(names, meta_buffers(w.shape, scheme, group_size, dtype or w.dtype)))
     step = max(1, QUANTIZE_CHUNK // w.shape[1])
     out = None
     for n in range(0, w.shape[0], step):
@@ -125,3 +127,13 @@ def quantize_weight(w: torch.Tensor, scheme: str, group_size: int | None = None,
         for o, t in zip(out, part):
             o[n:n + step] = t
     return dict(zip(names, out))
+
+
+def meta_buffers(shape, scheme: str, group_size: int | None, dtype: torch.dtype) -> list[torch.Tensor]:
+    """quantize_weight's buffers for a (N, K) weight, on the meta device: what it would return, unfilled."""
+    N, K = shape
+    if scheme == "int8":
+        return [torch.empty(N, K, dtype=torch.int8, device="meta"), torch.empty(N, dtype=dtype, device="meta")]
+    check_int4_shape(K, group_size)
+    return [torch.empty(N, K // 2, dtype=torch.uint8, device="meta"),
+            *(torch.empty(N, K // group_size, dtype=dtype, device="meta") for _ in range(2))]

@@ -6,7 +6,9 @@ trainable preset and LoRA applied. Activation memory is an estimate of what auto
 and layer (listed in `_decoder_activations` / `_vision_activations`): within 10 % of transformers'
 measured peak for a full fine-tune (tests/test_finetune_cost.py), an upper bound for partial presets
 (a frozen matmul does not keep its input). It tells a user whether a run fits a 16, 24, 40 or 80 GB
-GPU, not the last MiB.
+GPU, not the last MiB. A quantized frozen base (QLoRA, qlora.py) is counted as the buffers the
+quantized model holds (int8 / int4 weights, scales and zeros per row or group), read off the same meta
+model, so those bytes are exact too (docs/qlora.md).
 
 FLOPs follow the PaLM / Chinchilla convention: forward = 2 · (matmul parameters) per token that
 passes them + attention scores (4 · T² · N·H per layer and row, the full square), training step =
@@ -24,6 +26,7 @@ import torch
 from ..config import PaliGemmaConfig
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16/fp16 tensor-core peaks (vendor data sheets, SXM parts), for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
               "L4": 121e12, "A10G": 125e12, "A10": 125e12, "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
@@ -62,21 +65,26 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 @dataclass
 class MemoryEstimate:
-    weights: float
+    weights: float           # parameters, trainable and frozen, in their dtypes
     grads: float
     optimizer: float
     autocast_copies: float
     activations: float
     logits: float
     trainable: int
-    frozen: int
+    frozen: int              # frozen weights, the quantized base's included
+    quantized: float = 0.0   # a quantized base: int8 / int4 weights, scales, zeros, biases (buffers)
+    scheme: str | None = None
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.autocast_copies + self.activations + self.logits
+        return (self.weights + self.quantized + self.grads + self.optimizer + self.autocast_copies
+                + self.activations + self.logits)
 
     def table(self) -> str:
-        rows = [("weights", self.weights), ("gradients", self.grads), ("AdamW state", self.optimizer),
+        rows = [("weights", self.weights)]
+        rows += [(f"quantized base ({self.scheme})", self.quantized)] if self.scheme else []
+        rows += [("gradients", self.grads), ("AdamW state", self.optimizer),
                 ("autocast weight copies", self.autocast_copies), ("activations", self.activations),
                 ("logits + loss", self.logits), ("total (expected peak)", self.total)]
         lines = [f"parameters: {self.trainable:,} trainable, {self.frozen:,} frozen"]
@@ -94,6 +102,16 @@ def _decoder_activations(cfg: PaliGemmaConfig, seq_len: int, act_bytes: int, sco
     return per + (t.num_heads * seq_len * (4 + act_bytes) if scores else 0)
 
 
+def _lora_dropout_activations(cfg: PaliGemmaConfig, lora, act_bytes: int) -> float:
+    """Bytes kept per token per decoder layer by LoRA's dropout (lora.py applies it to each target's
+    input on its own): the dropped-out input in the activation dtype and its 1-byte mask, per target."""
+    if lora is None or lora.dropout == 0:
+        return 0
+    t = cfg.text
+    width = {"o": t.num_heads * t.head_dim, "down": t.mlp_dim}                # the others read the residual width
+    return sum(width.get(name, t.width) for name in lora.targets) * (act_bytes + 1)
+
+
 def _vision_activations(cfg: PaliGemmaConfig, act_bytes: int, scores: bool) -> float:
     """Bytes kept per patch per encoder layer: ~10·W (residual, LayerNorms), q, k, v, output 4·W,
     fc1 and gelu 2·F; plus the softmax probabilities N·P as above."""
@@ -105,22 +123,32 @@ def _vision_activations(cfg: PaliGemmaConfig, act_bytes: int, scores: bool) -> f
 def estimate_memory(cfg: PaliGemmaConfig, preset: str, *, batch: int, seq_len: int, images_per_example: int = 1,
                     precision: str = "bf16", trainable_dtype: str = "fp32", frozen_dtype: str = "fp32",
                     lora=None, grad_checkpointing: bool = False, fused_attention: bool = False,
-                    shards: int = 1) -> MemoryEstimate:
+                    shards: int = 1, quantize_base: str | None = None,
+                    group_size: int | None = None) -> MemoryEstimate:
     """Expected peak memory of one device for a training step (see MemoryEstimate.table).
 
     seq_len is the padded length of a row; every text position is counted as supervised (an upper
-    bound on the logits). shards > 1 (FSDP) divides weights, gradients and AdamW state."""
+    bound on the logits). shards > 1 (FSDP) divides weights, gradients and AdamW state.
+    quantize_base "int8" / "int4" (groups of group_size): the base quantized as qlora.quantize_base
+    does, scales and zeros in frozen_dtype; the quantized buffers are not sharded."""
     from .finetune import set_trainable
     from .lora import apply_lora
     from ..model import PaliGemma
+    from ..quant import quantize_model
+    from ..quant.modules import QuantizedWeight
 
     with torch.device("meta"):
         model = PaliGemma(cfg)
+        if quantize_base is not None:
+            quantize_model(model, quantize_base, group_size, DTYPES[frozen_dtype])
         if lora is not None:
             apply_lora(model, lora)
     set_trainable(model, preset)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    # the quantized base's weights (and Linear biases) are buffers: counted as frozen weights, sized as buffers
+    base = sum(m.out_features * m.in_features + (0 if getattr(m, "bias", None) is None else m.bias.numel())
+               for m in model.modules() if isinstance(m, QuantizedWeight))
     vision_trains = any(p.requires_grad for p in model.vision_tower.parameters())
     tb, fb = BYTES[trainable_dtype], BYTES[frozen_dtype]
     ab = BYTES[precision]                                   # activations in the autocast dtype
@@ -131,7 +159,8 @@ def estimate_memory(cfg: PaliGemmaConfig, preset: str, *, batch: int, seq_len: i
     t, v = cfg.text, cfg.vision
     tokens = batch * seq_len
     patches = batch * images_per_example * v.num_patches
-    dec_layer = _decoder_activations(cfg, seq_len, ab, not fused_attention) * tokens
+    dec_layer = (_decoder_activations(cfg, seq_len, ab, not fused_attention)
+                 + _lora_dropout_activations(cfg, lora, ab)) * tokens
     vit_layer = _vision_activations(cfg, ab, not fused_attention) * patches if vision_trains else 0
     if grad_checkpointing:  # every layer keeps its input; one layer is recomputed at a time
         acts = t.depth * t.width * ab * tokens + dec_layer
@@ -144,4 +173,5 @@ def estimate_memory(cfg: PaliGemmaConfig, preset: str, *, batch: int, seq_len: i
         optimizer=2 * trainable * tb / shards,
         autocast_copies=cached_casts * ab if precision != "fp32" else 0,
         activations=acts, logits=text_positions * t.vocab_size * (2 * ab + 8),
-        trainable=trainable, frozen=frozen)
+        trainable=trainable, frozen=frozen + base, quantized=sum(b.numel() * b.element_size() for b in model.buffers()),
+        scheme=quantize_base)

@@ -47,6 +47,9 @@ def set_trainable(model: nn.Module, preset: str) -> int:
     if preset == "lora" and getattr(model, "lora_config", None) is None:
         raise ValueError("trainable preset 'lora' needs adapters: call "
                          "nanopali.train.lora.apply_lora(model, cfg) first")
+    if preset != "lora" and getattr(model, "quantization", None) is not None:
+        raise ValueError(f"trainable preset {preset!r} on a {model.quantization['scheme']} base: its quantized "
+                         "weights are frozen buffers; train adapters on it with preset 'lora' (QLoRA)")
     n = 0
     for name, p in model.named_parameters():
         p.requires_grad_(TRAINABLE[preset](name))
@@ -56,7 +59,9 @@ def set_trainable(model: nn.Module, preset: str) -> int:
 
 @torch.no_grad()
 def cast_params(model: nn.Module, trainable: torch.dtype, frozen: torch.dtype) -> None:
-    """Hold trainable and frozen weights in their own dtypes (e.g. fp32 master weights, bf16 frozen tower)."""
+    """Hold trainable and frozen weights in their own dtypes (e.g. fp32 master weights, bf16 frozen tower).
+    Parameters only: a quantized base's int8 / int4 buffers and their scales keep the dtypes they were
+    quantized with (train/qlora.py), so their bytes never change during training."""
     for p in model.parameters():
         p.data = p.data.to(trainable if p.requires_grad else frozen)
 

@@ -7,7 +7,9 @@ so inference runs the unchanged model code. Adapters are saved alone (safetensor
 rank, alpha, dropout, targets) and loaded on top of any copy of the base checkpoint.
 
 Targets are decoder module names: q, k, v, o (attention) and gate, up, down (MLP), as peft's
-`target_modules` for PaliGemma (q_proj ... down_proj). The vision tower is left alone.
+`target_modules` for PaliGemma (q_proj ... down_proj). The vision tower is left alone. A base whose
+Linears are int8 / int4 (nanopali.quant, QLoRA: qlora.py) is wrapped the same way; it is exported by
+qlora.py, not merged here.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..formats.files import atomic_write
+from ..quant import QuantizedLinear
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -42,14 +45,16 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable rank-r update. Letters: I in features, O out features, R rank."""
+    """A frozen nn.Linear (or QuantizedLinear) plus a trainable rank-r update. Letters: I in features,
+    O out features, R rank."""
 
-    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+    def __init__(self, base: nn.Linear | QuantizedLinear, cfg: LoRAConfig):
         super().__init__()
         self.base, self.scale = base, cfg.alpha / cfg.rank
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(cfg.rank, w.shape[1], device=w.device))   # (R, I), fp32
-        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], cfg.rank, device=w.device))   # (O, R)
+        # the shapes and device without base.weight, which a QuantizedLinear would dequantize whole
+        device = next(base.buffers() if isinstance(base, QuantizedLinear) else base.parameters()).device
+        self.lora_A = nn.Parameter(torch.empty(cfg.rank, base.in_features, device=device))   # (R, I), fp32
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.rank, device=device))  # (O, R)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as peft does
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -68,11 +73,11 @@ class LoRALinear(nn.Module):
 
 
 def _targets(model: nn.Module, cfg: LoRAConfig):
-    """(parent module, attribute name) of every decoder Linear whose name is a target."""
+    """(parent module, attribute name) of every decoder Linear (float or quantized) whose name is a target."""
     for name, mod in model.language_model.named_modules():
         for attr in cfg.targets:
             child = getattr(mod, attr, None)
-            if isinstance(child, nn.Linear) and name.startswith("layers."):
+            if isinstance(child, (nn.Linear, QuantizedLinear)) and name.startswith("layers."):
                 yield mod, attr
 
 
@@ -92,6 +97,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by its merged nn.Linear (in place); the model then has no adapters."""
+    if getattr(model, "quantization", None) is not None:
+        raise ValueError(f"merge_lora: the base is quantized ({model.quantization['scheme']}); merging would quantize "
+                         "W + BA again. Use nanopali.train.qlora.export_merged or export_quantized")
     for mod in list(model.modules()):
         for attr, child in list(mod.named_children()):
             if isinstance(child, LoRALinear):

@@ -39,8 +39,10 @@ def wrap(objective: nn.Module, mode: str, precision: str, device: torch.device) 
     gradients reduced in float32)."""
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
+        # Every rank loads the same weights and training updates no buffer, so DDP's default broadcast of
+        # the buffers before each forward would only resend the quantized base of a QLoRA run every step.
         return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                                       gradient_as_bucket_view=True)
+                                       gradient_as_bucket_view=True, broadcast_buffers=False)
     if mode != "fsdp":
         raise ValueError(f"parallel mode must be 'ddp' or 'fsdp', got {mode!r}")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
