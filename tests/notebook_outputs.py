@@ -1,0 +1,159 @@
+"""Run notebooks/*.ipynb and keep their committed outputs current.
+
+The notebooks are committed with their outputs (small PNG figures included) so that they render on the
+repository page. This module executes a notebook in a fresh kernel on this checkout's `nanopali` and
+compares what it printed with what is committed; tests/test_notebooks.py runs that comparison in CI.
+
+    python tests/notebook_outputs.py            # execute every notebook, report any output that changed
+    python tests/notebook_outputs.py --write    # execute and save the outputs into the .ipynb files
+
+What is compared (`summary`): per code cell, its execution count, its stdout (consecutive chunks joined),
+the text of its results, and for each figure the `text/plain` matplotlib gives it ("<Figure size
+420x180 with 4 Axes>"). Durations printed as `12.3 s` are masked, since they depend on the machine and its
+load. The PNG bytes are not compared: anti-aliasing and font rasterising differ across platforms, while
+every number a figure shows is also printed as text by the same cell. stderr (warnings of a library
+version) is not compared either; `--write` refuses to save a notebook that wrote to stderr.
+
+`--write` stores each figure as a 256-colour PNG on white (the scenes' noisy backgrounds make full-colour
+PNGs three times larger), so that a notebook with its figures stays under MAX_BYTES.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import difflib
+import glob
+import io
+import os
+import re
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
+CELL_TIMEOUT_S = 300
+MAX_BYTES = 400_000        # a notebook file with its figures; the PNGs are drawn at 72 dpi to stay small
+DURATION = re.compile(r"\b\d+(?:\.\d+)? s\b")
+
+
+def execute(path: str):
+    """The notebook at `path`, run top to bottom in a fresh python3 kernel (working directory: a temp dir,
+    so files it writes land there). The kernel imports this checkout's nanopali, whatever is installed, and
+    runs torch on one thread: sums split over threads round differently, so one thread gives the same
+    outputs on every machine, and on a busy machine two threads of a tiny model mostly wait for each other."""
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    with tempfile.TemporaryDirectory() as cwd:
+        client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", record_timing=False,
+                                         resources={"metadata": {"path": cwd}})
+        client.execute(env=env)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = _joined_streams(cell.outputs)
+    return nb
+
+
+def _joined_streams(outputs: list) -> list:
+    """Consecutive chunks of one stream as one output: a loop that flushes each line gives one block."""
+    out = []
+    for o in outputs:
+        if o.output_type == "stream" and out and out[-1].output_type == "stream" and out[-1].name == o.name:
+            out[-1].text += o.text
+        else:
+            out.append(o)
+    return out
+
+
+def summary(nb) -> list[str]:
+    """One line per code cell and per compared output, durations masked (see the module docstring)."""
+    lines = []
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        lines.append(f"--- code cell {i + 1}, execution count {cell.get('execution_count')}")
+        for o in _joined_streams(cell.get("outputs", [])):
+            if o.output_type == "stream" and o.name == "stdout":
+                lines += DURATION.sub("<duration> s", o.text).splitlines()
+            elif o.output_type in ("execute_result", "display_data"):
+                kinds = "+".join(k for k in sorted(o.data) if k != "text/plain")
+                lines.append(f"[{o.output_type} {kinds or 'text'}] " + DURATION.sub("<duration> s",
+                                                                                   o.data.get("text/plain", "")))
+            elif o.output_type == "error":
+                lines.append(f"[error] {o.ename}: {o.evalue}")
+    return lines
+
+
+def difference(committed, executed) -> str:
+    """A unified diff of the two summaries; empty when the committed outputs are current."""
+    return "\n".join(difflib.unified_diff(summary(committed), summary(executed), "committed", "executed",
+                                          lineterm=""))
+
+
+def stderr_of(nb) -> list[str]:
+    return [o.text for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if o.output_type == "stream" and o.name == "stderr"]
+
+
+def compact_png(data: str) -> str:
+    """A base64 PNG as a 256-colour PNG on white, base64 again (see the module docstring)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGBA")
+    flat = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
+    buffer = io.BytesIO()
+    flat.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(buffer, "PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write(path: str, executed) -> int:
+    """Save `executed`'s outputs into the notebook at `path` (its metadata left as committed, so a
+    kernel's Python version does not churn the file); atomic. Returns the file's size in bytes."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    ran = [c for c in executed.cells if c.cell_type == "code"]
+    for cell, new in zip([c for c in nb.cells if c.cell_type == "code"], ran, strict=True):
+        cell.outputs, cell.execution_count = new.outputs, new.execution_count
+        cell.metadata.pop("execution", None)
+        for o in cell.outputs:
+            if "image/png" in o.get("data", {}):
+                o.data["image/png"] = compact_png(o.data["image/png"])
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        nbformat.write(nb, f)
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def main(argv=None) -> int:
+    import nbformat
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--write", action="store_true", help="save the fresh outputs into the notebooks")
+    ap.add_argument("paths", nargs="*", default=NOTEBOOKS, help="notebooks (default: notebooks/*.ipynb)")
+    args = ap.parse_args(argv)
+    stale = 0
+    for path in args.paths:
+        name = os.path.relpath(path, ROOT)
+        print(f"executing {name} ...", flush=True)
+        executed = execute(path)
+        if args.write:
+            if stderr_of(executed):
+                print(f"{name} wrote to stderr; not saved:\n" + "".join(stderr_of(executed)), flush=True)
+                stale += 1
+                continue
+            size = write(path, executed)
+            print(f"  saved, {size / 1000:.0f} kB" + (f" (over the {MAX_BYTES // 1000} kB limit)"
+                                                      if size > MAX_BYTES else ""), flush=True)
+            stale += size > MAX_BYTES
+        else:
+            diff = difference(nbformat.read(path, as_version=4), executed)
+            print(f"  outputs changed:\n{diff}" if diff else "  committed outputs are current", flush=True)
+            stale += bool(diff)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
