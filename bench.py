@@ -5,6 +5,8 @@
     python bench.py --full               # the released 3B at full depth on CPU: bf16, int8, int4 vs peers
     python bench.py --full --generation 2 1 --modes bf16 int8 int4 fp32 --keep ~/pg-bench   # all of it
     python bench.py attention            # the fused kernel vs SDPA / FlexAttention (bench_attention.py)
+    python bench.py gpu [--dry-run]      # everything a lent GPU should measure, in <= 8 min (benchmarks/gpu.py)
+    python bench.py compile-report       # kernels compiled for sm_80/89/90, no GPU (benchmarks/compile_report.py)
 
 Builds transformers' PaliGemma (1 or 2) at the released widths with random weights, saves it in the
 hub layout, loads the same files into nanopali, and times on the same prompt (224 px = 256 image
@@ -219,57 +221,53 @@ def full(args):
     finally:
         if not args.keep:
             shutil.rmtree(keep, ignore_errors=True)
+    from benchmarks.tables import print_full_table
+
     print_full_table(rows, args.batches)
     for note in dict.fromkeys(notes):   # once each, whatever the number of generations
         print(f"- {note}")
     print(f"load average after the run: {os.getloadavg()[0]:.2f} (1 min)")
 
 
-def print_full_table(rows, batches):
-    b0 = batches[0]
-    print(f"\n| model | mode | implementation | load s | time to first token s (batch {b0}) | "
-          + " | ".join(f"decode tok/s b{b}" for b in batches)
-          + f" | resident GB | % of GEMV floor (b{b0}) | % of memory floor (b{b0}) |")
-    print("|---|---|---|---|---|" + "---|" * len(batches) + "---|---|---|")
-    for title, mode, res, (floor, memory) in rows:
-        cells = {}
-        for name, r in res.items():
-            cells[name] = [r["load_s"], r[b0][0]] + [r[b][1] for b in batches] + [r["resident_gb"]]
-            pct = f"{100 * r[b0][1] / floor:.0f}%" if floor and r[b0][1] == r[b0][1] else "n/a"
-            mem = f"{100 * r[b0][1] / memory:.0f}%" if r[b0][1] == r[b0][1] else "n/a"
-            print(f"| {title} | {mode} | {name} | "
-                  + " | ".join("n/a" if v != v else f"{v:.2f}" for v in cells[name]) + f" | {pct} | {mem} |")
-        if floor:
-            print(f"| {title} | {mode} | floor at the GEMV rate | | | " + " | ".join(
-                f"{b * floor:.2f}" for b in batches) + " | | 100% | |")
-        print(f"| {title} | {mode} | floor at the memory read rate | | | " + " | ".join(
-            f"{b * memory:.2f}" for b in batches) + " | | | 100% |")
-        if len(cells) == 2:
-            (peer, p), (_, o) = cells.items()
-            print(f"| {title} | {mode} | nanopali / {peer.split()[0]} | " + " | ".join(
-                f"{x / y:.2f}x" if y > 0 and x == x else "n/a" for x, y in zip(o, p)) + " | |")
-    print("\nratio rows: nanopali / peer (s and GB: below 1 is better; tok/s: above 1 is better). "
-          "The floor at batch b is b x the batch-1 floor (each decode step reads every weight once).")
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--generation", type=int, nargs="+", default=None, help="default 1 2; with --full, 2")
-    ap.add_argument("--text-layers", type=int, default=None, help="default 2; with --full, the released depth")
-    ap.add_argument("--vision-layers", type=int, default=None, help="default 4; with --full, the released depth")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--repeats", type=int, default=3)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="subcommands (each has its own --help):\n"
+               "  attention        the fused attention kernel vs SDPA, FlexAttention, reference (bench_attention.py)\n"
+               "  gpu              everything a lent GPU should measure, one JSON + one Markdown table, <= 8 min;\n"
+               "                   --dry-run runs it on CPU at tiny sizes (benchmarks/gpu.py)\n"
+               "  compile-report   the fused kernels compiled for sm_80 / sm_89 / sm_90 without a GPU: registers,\n"
+               "                   spills, shared memory (benchmarks/compile_report.py)\n\n"
+               "ratio rows give nanopali's speed relative to the peer (time to first token and decode alike):\n"
+               "'1.25x faster' or '1.12x slower'.")
+    ap.add_argument("--generation", type=int, nargs="+", default=None, choices=[1, 2],
+                    help="PaliGemma generations to build (default 1 2; with --full, 2)")
+    ap.add_argument("--text-layers", type=int, default=None, help="decoder layers (default 2; with --full, the "
+                    "released depth)")
+    ap.add_argument("--vision-layers", type=int, default=None, help="SigLIP layers (default 4; with --full, the "
+                    "released depth)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations "
+                    "(default %(default)s; --full picks per --modes)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where both models run (default %(default)s; --full runs on CPU)")
+    ap.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per timed run (default %(default)s)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes to time "
+                    "(default %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds per batch size; best "
+                    "(--full: median) is reported (default %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--full", action="store_true", help="the 3B model at full depth on CPU, per mode, beside "
                     "this machine's floors (generation default 2)")
-    ap.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4", "fp32"])
+    ap.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4", "fp32"],
+                    help="--full: weight formats to time, each against its peer (default %(default)s)")
     ap.add_argument("--skip-torchao", action="store_true", help="--full: nanopali alone in int8/int4 (torchao's "
                     "CPU paths dequantize at every call: minutes per token at full depth)")
     ap.add_argument("--keep", default=None, help="--full: directory that caches the random checkpoints")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     import nanopali
 
     if args.threads:
@@ -310,6 +308,8 @@ def main():
         rows += [(f"PaliGemma {gen}", name, res[name], mem[name]) for name, _, _ in impls]
         del tf, ours, impls
         gc.collect()
+    from benchmarks.tables import speed_row
+
     b0 = args.batches[0]
     print(f"\n| model | implementation | time to first token (batch {b0}) | "
           + " | ".join(f"decode tok/s batch {b}" for b in args.batches) + " | peak memory added |")
@@ -319,19 +319,21 @@ def main():
         line = f"| {model} | {name} | {res[b0][0] * 1000:.0f} ms | " + " | ".join(f"{res[b][1]:.1f}" for b in args.batches)
         print(line + (f" | {mem:.0f} MiB |" if mem is not None else " | n/a on CPU |"))
         if name == "nanopali":
-            ref = rows[i - 1][2]
-            ratios = [f"{ref[b][1] and res[b][1] / ref[b][1]:.2f}x" for b in args.batches]
-            print(f"| {model} | ratio nanopali/transformers | {ref[b0][0] / res[b0][0]:.2f}x faster | "
-                  + " | ".join(ratios) + " | |")
+            print(f"| {model} | nanopali vs transformers | " + " | ".join(speed_row(res, rows[i - 1][2], args.batches))
+                  + " | |")
+
+
+SUBCOMMANDS = {  # name → module with main(); imported on use, so `bench.py --help` stays fast
+    "attention": "bench_attention", "gpu": "benchmarks.gpu", "compile-report": "benchmarks.compile_report"}
 
 
 if __name__ == "__main__":
+    import importlib
     import sys
 
-    if sys.argv[1:2] == ["attention"]:
-        import bench_attention
-
-        sys.argv.pop(1)
-        bench_attention.main()
-    else:
-        main()
+    if sys.argv[1:2] and sys.argv[1] in SUBCOMMANDS:
+        name = sys.argv.pop(1)
+        if name == "compile-report":
+            os.environ["TRITON_INTERPRET"] = "0"   # it compiles for real GPUs: before nanopali.kernels loads
+        raise SystemExit(importlib.import_module(SUBCOMMANDS[name]).main())
+    main()

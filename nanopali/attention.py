@@ -13,11 +13,15 @@ Implementations (`impl`):
   "reference"  the plain PyTorch above; any mask, soft-cap, window, dtype, device.
   "sdpa"       torch's scaled_dot_product_attention with a boolean mask: exact, but has no soft-cap.
   "triton"     the fused flash-attention kernel in nanopali/kernels (CUDA, or TRITON_INTERPRET=1).
-  "auto"       triton on CUDA when importable, else sdpa when there is no soft-cap, else reference.
+  "auto"       triton on CUDA (fp16 / bf16) when importable, else sdpa when there is no soft-cap, else
+               reference. On each (device, dtype, head dim) the kernel first checks itself against the reference
+               (kernels/selfcheck.py); if it fails, "auto" runs sdpa / reference there, with one warning.
+               NANOPALI_FUSED_ATTENTION=on skips that check, =off keeps "auto" off the kernel.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +71,16 @@ def resolve_impl(impl: str, device: torch.device, softcap: float | None) -> str:
         raise ValueError(f"attn_impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    if device.type == "cuda" and _triton_available(device):
+    fused_off = os.environ.get("NANOPALI_FUSED_ATTENTION") == "off"   # kernels/selfcheck.py
+    if device.type == "cuda" and not fused_off and _triton_available(device):
         return "triton"
     return "reference" if softcap is not None else "sdpa"
+
+
+def _kernel_passes_self_check(q, k) -> bool:
+    """Once per (device, dtype, head dim), then a cached answer: kernels/selfcheck.py."""
+    from .kernels.selfcheck import passes
+    return passes(q.device, q.dtype, q.shape[3], q.shape[1] // k.shape[1])
 
 
 LOGGED_CHOICES: set[str] = set()
@@ -95,20 +106,24 @@ def attention(q, k, v, mask: PrefixLMMask | None = None, *, scale: float, softca
     window), or `key_mask` (B, S), 1 = real key: rows padded on the right (SigLIP's text tower, NaFlex
     patches), which is not a prefix-LM layout and so goes to the unfused paths; neither = full
     attention (SigLIP on fixed-size images). Returns (B, N, T, H)."""
-    impl = resolve_impl(impl, q.device, softcap)
+    auto, impl = impl == "auto", resolve_impl(impl, q.device, softcap)
     T, S = q.shape[2], k.shape[2]
     if key_mask is not None:
         if mask is not None:
             raise ValueError("give the prefix-LM mask or a key mask, not both")
         allowed = key_mask.bool()[:, None, None, :]                          # (B, 1, 1, S)
         impl = "reference" if impl == "reference" or softcap is not None else "sdpa"
-    elif impl == "triton":
-        from .kernels import flash_attention
-        if mask is None:
-            mask = PrefixLMMask.full(q.shape[0], S, q.device)
-        return flash_attention(q, k, v, mask.start, mask.prefix_end, scale=scale, softcap=softcap,
-                               window=window, q_start=q_start)
     else:
+        if impl == "triton" and auto and (q.dtype == torch.float32 or not _kernel_passes_self_check(q, k)):
+            # exact either way; the check has warned why. fp32 tiles spill and overflow shared memory on
+            # every GPU generation (docs/gpu.md#compiled-for-real-targets): "auto" keeps them for fp16 / bf16.
+            impl = "reference" if softcap is not None else "sdpa"
+        if impl == "triton":
+            from .kernels import flash_attention
+            if mask is None:
+                mask = PrefixLMMask.full(q.shape[0], S, q.device)
+            return flash_attention(q, k, v, mask.start, mask.prefix_end, scale=scale, softcap=softcap,
+                                   window=window, q_start=q_start)
         allowed = None if mask is None else mask.allowed(q_start, T, S, window)
     if impl == "sdpa":
         if softcap is not None:

@@ -2,7 +2,9 @@
 
 flash_attention is exact prefix-LM attention (masking.PrefixLMMask's rule, Gemma 2's soft-cap and
 sliding window, GQA/MQA) as one differentiable call: flash.py holds the FlashAttention-2 forward and
-backward, decode.py the split-K kernel that a call with few queries (decode) uses instead.
+backward, decode.py the split-K kernel that a call with few queries (decode) uses instead, tuning.py
+their tile sizes per GPU generation, selfcheck.py the check against the reference attention that
+attn_impl="auto" runs once per device, dtype and head dim before it trusts them.
 
 Triton is optional: without it this package still imports, is_supported says False and the kernels
 raise. CPU tensors run through Triton's interpreter when TRITON_INTERPRET=1 is set before this package
@@ -10,10 +12,12 @@ is imported (triton.jit reads it once); that is how the tests run without a GPU.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 try:
-    import triton  # noqa: F401
+    importlib.import_module("triton")   # only to learn whether it is installed; flash.py uses it
 except ImportError as err:
     _MISSING_TRITON: ImportError | None = err
     INTERPRETED = False

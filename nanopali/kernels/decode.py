@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import LOG2E, fwd_tiles, key_tiles, load_rows, row_mask, kernel_args, tile_config
+from .flash import LOG2E, fwd_tiles, key_tiles, load_rows, row_mask, kernel_args, target_arch
+from .tuning import tile_config
 
 # Letters as in flash.py; R = G·T stacked query rows of one K/V head, C number of key chunks (splits).
 
@@ -74,7 +75,7 @@ def _combine_kernel(M_PART, L_PART, ACC_PART, O, LSE, SPLITS, R, H, BLOCK_R: tl.
 
 def default_splits(B: int, KV: int, S: int, device: torch.device) -> int:
     """Enough chunks for about two programs per GPU multiprocessor, and never a chunk with no keys."""
-    _, BLOCK_N, _, _ = tile_config("decode", 0, torch.float16)
+    _, BLOCK_N, _, _ = tile_config("decode", 0, torch.float16, target_arch(device))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     return max(1, min(triton.cdiv(S, BLOCK_N), triton.cdiv(2 * sms, B * KV)))
 
@@ -84,7 +85,7 @@ def decode_forward(q, k, v, start, prefix_end, scale, softcap, window, q_start, 
     B, N, T, H = q.shape
     KV, S = k.shape[1], k.shape[2]
     R = N // KV * T
-    _, BLOCK_N, warps, stages = tile_config("decode", H, q.dtype)
+    _, BLOCK_N, warps, stages = tile_config("decode", H, q.dtype, target_arch(q.device))
     splits = num_splits or default_splits(B, KV, S, q.device)
     chunk = triton.cdiv(triton.cdiv(S, splits), BLOCK_N) * BLOCK_N  # a multiple of BLOCK_N: tiles stay aligned
     splits = triton.cdiv(S, chunk)

@@ -14,11 +14,11 @@ comparisons classify every (query tile, key tile) pair: tiles nobody may read ar
 every query of the tile may read skip the mask, and only the boundary tiles evaluate the rule element
 by element.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .tuning import INTERPRETED, target_arch, tile_config
 
 # Letters: B batch, N query heads, K key/value heads, G = N // K, T queries, S keys, H head dim.
 # A query's absolute index is i = q_start + t; keys are j = 0..S-1. BLOCK_H is H padded to a power of
@@ -26,7 +26,6 @@ import triton.language as tl
 # Each kernel first moves its pointers to its head in int64 ((b·N + n)·T·H can pass 2³¹); offsets
 # inside a head stay int32, which keeps the 256-wide tiles' offsets in half the registers.
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit when this module is imported
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x·log2 e); exp2 is the GPU's native exponential
 
 
@@ -292,22 +291,6 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softca
     tl.store(DQ + t[:, None] * H + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rows)
 
 
-def tile_config(kernel: str, H: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ("fwd", "dq", "dkdv", "decode").
-
-    GPU values: FA2-like tiles, picked for fewest register spills in ptxas' report for sm_90 (H100),
-    not yet timed (this was written without a GPU). 256-wide and fp32 tiles take twice the registers
-    and shared memory, so they get smaller tiles. The interpreter runs a tile as numpy arrays: 16 x 16
-    keeps the tests fast and crosses many tile boundaries."""
-    if INTERPRETED:
-        return 16, 16, 1, 1
-    big = H > 128 or dtype == torch.float32
-    return {"fwd": (64, 32 if dtype == torch.float32 else 64, 8, 2) if big else (128, 64, 8, 3),
-            "dq": (64, 32 if big else 64, 8, 2),
-            "dkdv": (32 if big else 64, 64, 8, 2),
-            "decode": (None, 64, 8, 2)}[kernel]
-
-
 def kernel_args(q, k, window, q_start):
     """Arguments every kernel takes: shapes, the window as an int (None: S, longer than any row), the first
     query index as one int64 on q's device (the kernels read it from memory, so a compiled decode step
@@ -325,7 +308,7 @@ def kernel_args(q, k, window, q_start):
 def flash_forward(q, k, v, start, prefix_end, scale, softcap, window, q_start):
     """o (B, N, T, H) in q's dtype and the logsumexp of every query row, lse (B, N, T) fp32."""
     B, N, T, H = q.shape
-    BLOCK_M, BLOCK_N, warps, stages = tile_config("fwd", H, q.dtype)
+    BLOCK_M, BLOCK_N, warps, stages = tile_config("fwd", H, q.dtype, target_arch(q.device))
     o = torch.empty_like(q)
     lse = torch.empty(B, N, T, device=q.device, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(T, BLOCK_M), B * N)](
@@ -341,12 +324,12 @@ def flash_backward(do, q, k, v, o, lse, start, prefix_end, scale, softcap, windo
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)               # (B, N, T) = rowsum(dO ∘ O) = rowsum(P ∘ dP)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    args = dict(SOFTCAP=softcap is not None, **kernel_args(q, k, window, q_start))
-    BLOCK_M, BLOCK_N, warps, stages = tile_config("dkdv", H, q.dtype)
+    args, arch = dict(SOFTCAP=softcap is not None, **kernel_args(q, k, window, q_start)), target_arch(q.device)
+    BLOCK_M, BLOCK_N, warps, stages = tile_config("dkdv", H, q.dtype, arch)
     _bwd_dkdv_kernel[(triton.cdiv(S, BLOCK_N), B * KV)](
         q, k, v, do, lse, delta, dk, dv, start, prefix_end, scale, softcap or 1.0, KV_HEADS=KV,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **args)
-    BLOCK_M, BLOCK_N, warps, stages = tile_config("dq", H, q.dtype)
+    BLOCK_M, BLOCK_N, warps, stages = tile_config("dq", H, q.dtype, arch)
     _bwd_dq_kernel[(triton.cdiv(T, BLOCK_M), B * N)](
         q, k, v, do, lse, delta, dq, start, prefix_end, scale, softcap or 1.0, N=N,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **args)
