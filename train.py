@@ -229,7 +229,7 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
                                    precision=args.precision, generate=args.eval_generate,
                                    max_new_tokens=args.eval_max_new_tokens, sharded_params=fsdp, report=say)
         say(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                for k, v in result.items()))
+                                                for k, v in result.items() if v is not None))
         progress.write({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
 
     if evals and args.eval_every and start == 0:

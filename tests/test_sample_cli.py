@@ -11,6 +11,7 @@ from PIL import Image
 from hf_reference import make_hf_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED_IMAGE = os.path.join(ROOT, "nanopali", "assets", "images", "shapes_1.png")
 
 
 def run(*args, cwd=None):
@@ -55,6 +56,9 @@ def test_plain_output_prints_the_answer_on_the_last_line(setup):
 @pytest.mark.parametrize("args, message", [
     (["--image", "missing.png"], "not found"),
     (["--temperature", "-1"], "temperature"),
+    (["--temperature", "nan"], "temperature"),
+    (["--temperature", "1", "--seed", "99999999999999999999999"], "seed must be an integer in [0, 2**63)"),
+    (["--vae", "missing-vae-oid.npz", "--prompt", "segment cat"], "--vae missing-vae-oid.npz: no such file"),
 ])
 def test_bad_arguments_print_one_error_line_and_exit_2(setup, args, message):
     ckpt, img, d = setup
@@ -79,3 +83,28 @@ def test_multi_sends_every_image_with_one_prompt_as_the_library_does(setup):
     pil = Image.open(img)
     _, ids = generate(model, proc, [[pil, pil]], ["answer en same?"], 5, return_ids=True)
     assert rec["image"] == [img, img] and rec["tokens"] == ids[0]
+
+
+def test_several_prompts_for_one_image_each_get_their_answer(setup):
+    import nanopali
+    from nanopali.generate import generate
+
+    ckpt, img, d = setup
+    r = run("--checkpoint", ckpt, "--image", img, "--prompt", "caption en", "--prompt", "ocr", "--max-new-tokens",
+            "3", "--json")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    model, proc = nanopali.load(ckpt, dtype="auto")
+    pil = Image.open(img)
+    _, ids = generate(model, proc, [pil, pil], ["caption en", "ocr"], 3, return_ids=True)
+    assert [(x["prompt"], x["tokens"]) for x in recs] == [("caption en", ids[0]), ("ocr", ids[1])]
+
+
+def test_the_drawn_boxes_line_comes_after_its_answer_on_stderr(tmp_path):
+    """The bundled model answers 'detect ...' with boxes: stdout ends with the answer, the 'drawn into'
+    line goes to stderr, and the file is written where --out says."""
+    r = run("--prompt", "detect circle ; square ; triangle", "--out", str(tmp_path / "boxes.png"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("<loc") and "drawn into" not in r.stdout
+    assert "box(es) drawn into " + str(tmp_path / "boxes.png") in r.stderr
+    assert Image.open(tmp_path / "boxes.png").size == Image.open(BUNDLED_IMAGE).size
