@@ -4,7 +4,7 @@ The top of the package is the paper, one file per idea, in the order data flows 
 processing → vit (SigLIP image encoder) → projector → masking (prefix-LM) → gemma (decoder, with
 attention and kv_cache) → model (ties them) → generate; config holds the dataclasses and presets.
 Folders hold the rest: formats/ (checkpoint files), tasks/ (boxes, masks, video), train/ (fine-tuning),
-siglip/ (the two-tower models), shapes/ (the bundled tiny model's task), kernels/ (fused attention),
+siglip/ and mobileclip/ (the two-tower models), shapes/ (the bundled tiny model's task), kernels/ (fused attention),
 quant/ (weight-only int8 / int4). `import nanopali` loads only what inference needs; the names of the
 folders below are imported on first use.
 """
@@ -25,6 +25,7 @@ _LAZY = {  # public name → the module that defines it, imported when the name 
     "video_frames": "nanopali.tasks.video",
     "load_siglip": "nanopali.siglip", "zero_shot": "nanopali.siglip",
     "embed_images": "nanopali.siglip", "embed_texts": "nanopali.siglip",
+    "load_mobileclip": "nanopali.mobileclip",
 }
 
 __all__ = ["load", "save_checkpoint", "CheckpointError", "InputError", "PaliGemma", "PaliGemmaConfig",

@@ -155,7 +155,8 @@ def zero_shot(model: SigLIPModel, processor: SigLIPProcessor, image, labels: Seq
     """(label, probability) for every label, most probable first (ties keep the labels' order).
 
     Each probability is sigmoid(logit) on its own, as transformers' pipeline computes for SigLIP: they
-    need not sum to 1, and an image can match none or several labels."""
+    need not sum to 1, and an image can match none or several labels. A MobileCLIP model (same
+    interface, nanopali/mobileclip/) gives a softmax over the labels instead, as CLIP is used."""
     if isinstance(labels, str):
         labels = [labels]
     if not labels or not all(isinstance(label, str) and label.strip() for label in labels):
@@ -164,5 +165,8 @@ def zero_shot(model: SigLIPModel, processor: SigLIPProcessor, image, labels: Seq
         raise InputError(f"template must contain '{{}}' where the label goes, got {template!r}")
     x = embed_images(model, processor, [image])
     y = embed_texts(model, processor, [template.format(label) for label in labels])
-    probs = torch.sigmoid(model.logits(x, y.to(x.dtype)).float())[0].tolist()
+    logits = model.logits(x, y.to(x.dtype)).float()
+    # A two-tower model trained with a softmax over candidates (MobileCLIP) says so by its own rule.
+    rule = getattr(model, "label_probabilities", torch.sigmoid)
+    probs = rule(logits)[0].tolist()
     return sorted(zip(labels, probs), key=lambda lp: -lp[1])

@@ -1,0 +1,173 @@
+"""MobileCLIP2 through the API SigLIP has (zero_shot, embed_images, embed_texts, classify.py), its image
+preprocessing, and one clear error for each bad input.
+
+The checkpoint here is an open_clip directory of MobileCLIP2-S0's image tower at 64 px and a 1-layer
+text tower over the cut BPE vocabulary (what open_clip_config.json says is what gets built), random weights.
+"""
+import json
+import os
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+import classify
+import mobileclip_reference as ref
+import nanopali
+from nanopali.formats.files import CheckpointError
+from nanopali.mobileclip import (MobileCLIP, MobileCLIPProcessor, load_mobileclip, load_mobileclip_model,
+                                 mobileclip_preset)
+from nanopali.mobileclip.checkpoint import config_from_open_clip
+from nanopali.mobileclip.processing import shortest_side_crop
+from nanopali.processing import InputError
+
+OPEN_CLIP_CONFIG = {  # open_clip's MobileCLIP2-S0 config with a small text tower (its fields, its names)
+    "model_cfg": {"embed_dim": 512, "custom_text": True,
+                  "vision_cfg": {"timm_model_name": "fastvit_mci0", "timm_model_pretrained": False, "timm_pool": "avg",
+                                 "timm_proj": None, "timm_drop": 0.0, "timm_drop_path": 0.0, "image_size": 64},
+                  "text_cfg": {"context_length": 77, "vocab_size": 3514, "width": 64, "heads": 2, "layers": 1,
+                               "no_causal_mask": True}},
+    "preprocess_cfg": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "interpolation": "bilinear",
+                       "resize_mode": "shortest"}}
+_OURS_TO_THEIRS = (("image_tower.", "visual.trunk."), ("text_tower.", "text."))
+
+
+def open_clip_state(cfg) -> dict:
+    with torch.device("meta"):
+        names = MobileCLIP(cfg).state_dict()
+    keys = []
+    for k, v in names.items():
+        for ours, theirs in _OURS_TO_THEIRS:
+            k = theirs + k[len(ours):] if k.startswith(ours) else k
+        keys.append((k, list(v.shape), str(v.dtype).removeprefix("torch.")))
+    return ref.deterministic_state(keys)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mobileclip2-s0-small")
+    state = open_clip_state(config_from_open_clip(OPEN_CLIP_CONFIG, "test"))
+    safetensors.torch.save_file(state, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps(OPEN_CLIP_CONFIG))
+    shutil.copy(ref.SMALL_BPE, folder / "bpe_simple_vocab_16e6.txt.gz")
+    torch.save(state, str(folder.parent / "weights.pt"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return nanopali.load_mobileclip(checkpoint)
+
+
+def test_zero_shot_gives_a_softmax_over_the_labels(loaded, test_images):
+    model, processor = loaded
+    labels = ["a red circle", "two blue squares", "a green triangle"]
+    ranked = nanopali.zero_shot(model, processor, test_images["rgb-large"], labels)
+    assert sorted(label for label, _ in ranked) == sorted(labels)
+    assert sum(p for _, p in ranked) == pytest.approx(1.0, abs=1e-5)
+    x = nanopali.embed_images(model, processor, [test_images["rgb-large"]])
+    y = nanopali.embed_texts(model, processor, [f"This is a photo of {label}." for label in labels])
+    expected = (model.logit_scale.exp() * x @ y.T).softmax(-1)[0]
+    assert [p for _, p in ranked] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-6)
+    assert torch.allclose(x.norm(dim=-1), torch.ones(1)) and torch.allclose(y.norm(dim=-1), torch.ones(3))
+
+
+def test_classify_cli_reads_a_mobileclip_directory(checkpoint, tmp_path, capsys):
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.full((40, 30, 3), 200, np.uint8)).save(image)
+    assert classify.main(["--checkpoint", checkpoint, "--image", str(image), "--labels", "cat,dog", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(x["label"] for x in out["labels"]) == ["cat", "dog"]
+    assert sum(x["probability"] for x in out["labels"]) == pytest.approx(1)
+
+
+def test_every_pil_mode_becomes_a_normalised_rgb_batch(loaded, test_images):
+    _, processor = loaded
+    batch = processor.images(list(test_images.values()))["pixel_values"]
+    assert batch.shape == (len(test_images), 3, 64, 64) and batch.dtype == torch.float32
+    assert 0 <= batch.min() and batch.max() <= 1                 # MobileCLIP2-S0: mean 0, std 1
+
+
+def test_shortest_side_resize_and_centre_crop_as_torchvision():
+    """torchvision Resize(8) on 30×12 (w×h): 12 → 8, 30 → int(8·30/12) = 20; CenterCrop: left = round(6)."""
+    im = Image.fromarray(np.tile(np.arange(30, dtype=np.uint8)[None, :, None] * 8, (12, 1, 3)))
+    out = shortest_side_crop(im, 8, Image.Resampling.NEAREST)
+    full = im.resize((20, 8), Image.Resampling.NEAREST)
+    assert out.size == (8, 8) and np.array_equal(np.asarray(out), np.asarray(full)[:, 6:14])
+
+
+@pytest.mark.parametrize("preset, tag", [("mobileclip2-s0", "s0"), ("mobileclip2-l14", "l14")])
+def test_preprocessing_matches_open_clip_on_every_pil_mode(preset, tag, test_images):
+    """open_clip's eval transform, recorded at 32 px (tests/mobileclip_reference.py): S0's mean 0 / std 1
+    bilinear and L-14's OpenAI mean / std bicubic, on RGB, RGBA, LA, L, CMYK and palette images."""
+    cfg = mobileclip_preset(preset)
+    processor = MobileCLIPProcessor(ref.SMALL_BPE, replace(cfg, preprocess=replace(cfg.preprocess, image_size=32)))
+    with np.load(os.path.join(ref.FIXTURES, "preprocessing.npz"), allow_pickle=False) as theirs:
+        for name, im in test_images.items():
+            ours = processor.images([im])["pixel_values"][0].numpy()
+            assert np.abs(ours - theirs[f"{tag}/{name}"]).max() < 1e-5, name
+
+
+def test_preprocessing_matches_open_clip_live(loaded, test_images):
+    open_clip = pytest.importorskip("open_clip", reason="open_clip is the oracle; see docs/mobileclip.md")
+    _, processor = loaded
+    transform = open_clip.image_transform(64, is_train=False, mean=(0.0,) * 3, std=(1.0,) * 3,
+                                          interpolation="bilinear", resize_mode="shortest")
+    for name, im in test_images.items():
+        ours = processor.images([im])["pixel_values"][0]
+        assert (ours - transform(im)).abs().max().item() < 1e-6, name
+
+
+def test_weights_only_pt_loads_as_the_safetensors_do(checkpoint, loaded):
+    model = load_mobileclip_model(os.path.join(os.path.dirname(checkpoint), "weights.pt"),
+                                  cfg=loaded[0].cfg)
+    a, b = model.state_dict(), loaded[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_pickle_that_runs_code_is_refused_with_how_to_convert(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "note": Image.new("L", (1, 1))}, str(path))
+    with pytest.raises(CheckpointError, match="not a weights-only PyTorch file.*safetensors.torch.save_file"):
+        load_mobileclip_model(str(path), preset="mobileclip2-s0")
+
+
+def test_a_truncated_file_is_named(checkpoint, tmp_path):
+    data = open(os.path.join(checkpoint, "open_clip_model.safetensors"), "rb").read()
+    (tmp_path / "open_clip_model.safetensors").write_bytes(data[: len(data) // 2])
+    shutil.copy(os.path.join(checkpoint, "open_clip_config.json"), tmp_path)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_mobileclip_model(str(tmp_path))
+    pt = open(os.path.join(os.path.dirname(checkpoint), "weights.pt"), "rb").read()
+    (tmp_path / "half.pt").write_bytes(pt[: len(pt) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_mobileclip_model(str(tmp_path / "half.pt"), preset="mobileclip2-s0")
+
+
+def test_a_checkpoint_of_another_architecture_names_its_tensors(checkpoint, tmp_path):
+    with pytest.raises(CheckpointError, match="holds an MCi image tower.*asks for a ViT"):
+        load_mobileclip_model(os.path.join(checkpoint, "open_clip_model.safetensors"), preset="mobileclip2-b")
+    other = dict(OPEN_CLIP_CONFIG, model_cfg={**OPEN_CLIP_CONFIG["model_cfg"],
+                                              "vision_cfg": {"timm_model_name": "convnext_base"}})
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(other))
+    with pytest.raises(CheckpointError, match="convnext_base.*fastvit_mci0"):
+        load_mobileclip(str(tmp_path))
+
+
+def test_bad_labels_and_inputs_get_one_clear_error(loaded, checkpoint, tmp_path):
+    model, processor = loaded
+    image = Image.new("RGB", (8, 8))
+    with pytest.raises(InputError, match="labels"):
+        nanopali.zero_shot(model, processor, image, [])
+    with pytest.raises(InputError, match="not found"):
+        processor.images(["/no/such/image.png"])
+    with pytest.raises(InputError, match="Text 1"):
+        processor.texts(["ok", 3])
+    shutil.copy(os.path.join(checkpoint, "open_clip_config.json"), tmp_path)
+    shutil.copy(os.path.join(checkpoint, "open_clip_model.safetensors"), tmp_path)
+    with pytest.raises(CheckpointError, match="No tokenizer"):
+        load_mobileclip(str(tmp_path))
