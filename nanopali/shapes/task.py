@@ -187,8 +187,7 @@ def kind_count_examples(scene: Scene) -> list[tuple[str, str]]:
     """The README quickstart's new prompt, which the bundled model never saw: "count circles" → the
     number of circles, "0" when there is none (a kind of the scene three times in four, else another).
     Its words are pieces the model knows, and stage 0 taught the image encoder each patch's kind, so
-    LoRA alone learns it in a few hundred steps (counting one colour instead stayed at the majority
-    answer in 150 steps: measured, recipes/quickstart_cpu.py)."""
+    LoRA alone learns it in a few hundred steps (recipes/quickstart_cpu.py)."""
     rng = np.random.default_rng([scene.seed, 3])
     present = sorted({s.kind for s in scene.shapes})
     absent = [k for k in KINDS if k not in present]
