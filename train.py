@@ -138,6 +138,8 @@ def main(argv=None) -> int:
         print(memory_report(args))
         return 0
     rank, world, device = parallel.setup(args.device)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         return train(args, rank, world, device)
     except (DataError, RunError, CheckpointError) as e:
@@ -149,6 +151,8 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
         return 130
     finally:
+        if main_thread:  # a caller in this process (a notebook) gets its own Ctrl-C back
+            signal.signal(signal.SIGINT, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -214,4 +214,4 @@ def test_ctrl_c_stops_after_the_step_saves_and_the_resume_matches_an_uninterrupt
     assert resume.read_train_state(resume.latest(str(tmp_path / "split" / "checkpoints")))["step"] == 2
     assert run(setup, tmp_path / "split", "--max-steps", "4", "--resume") == 0
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the caller's handler is back
