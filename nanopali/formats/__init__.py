@@ -15,7 +15,7 @@ import os
 import torch
 
 from .files import CheckpointError
-from .hf import load_paligemma_model, save_checkpoint
+from .hf import load_paligemma_model, read_quantization, save_checkpoint
 
 __all__ = ["load", "save_checkpoint", "CheckpointError"]
 
@@ -42,5 +42,10 @@ def load(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, va
     tok = os.path.join(os.fspath(path), "tokenizer.model")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(tok):
         raise CheckpointError(f"No tokenizer.model in {path} (the SentencePiece file of the checkpoint)")
+    if os.path.isfile(os.path.join(os.fspath(path), "lora", "adapter_config.json")) and read_quantization(path):
+        # train.py's own exports hold merged weights (lora/ is a copy of the adapters); a quantized base
+        # beside unmerged adapters is qlora.export_quantized's, and without them it answers as the base
+        raise CheckpointError(f"{path} holds a quantized base with its LoRA adapters unmerged in {path}/lora: load "
+                              "both with nanopali.train.qlora.load_quantized(path)")
     model = load_paligemma_model(path, dtype, device, attn_impl, image_size, quantize, group_size)
     return model, Processor.for_model(tok, model.cfg)

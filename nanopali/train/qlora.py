@@ -116,10 +116,13 @@ def export_quantized(model: PaliGemma, out_dir: str, tokenizer_path: str | None 
 
 
 def load_quantized(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto"):
-    """(model, processor) from export_quantized's directory: the quantized base with its adapters."""
-    import nanopali
+    """(model, processor) from export_quantized's directory: the quantized base with its adapters
+    (nanopali.load refuses such a directory, which it would otherwise run without them)."""
+    from ..formats.hf import load_paligemma_model
+    from ..processing import Processor
 
-    model, processor = nanopali.load(path, dtype, device, attn_impl)
+    model = load_paligemma_model(path, dtype, device, attn_impl)
+    processor = Processor.for_model(os.path.join(path, "tokenizer.model"), model.cfg)
     if os.path.isdir(os.path.join(path, ADAPTER_DIR)):
         load_adapters(model, os.path.join(path, ADAPTER_DIR))
         for name, p in model.named_parameters():               # in the activations' dtype: no autocast here
