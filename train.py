@@ -180,6 +180,8 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
             say(f"skipped {len(ds.skipped)} bad {name} example(s):\n  " + "\n  ".join(ds.skipped[:10]))
     examples, evals = data.examples, evals and evals.examples[:args.eval_max_examples]
     check_memory(args, cfg, examples, device)
+    t_load = time.perf_counter()
+    say(f"loading the model ({args.init}) ...")  # a 3B checkpoint takes a while: say so first
     if fsdp:  # rank 0 reads (or draws) the weights; every rank shards a meta copy and receives them
         full = build_model(args, cfg, resume_dir, "cpu", materialize=True).state_dict() if rank == 0 else {}
         model = build_model(args, cfg, resume_dir, device, materialize=False)
@@ -193,6 +195,7 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
         if world > 1:
             objective = parallel.wrap(objective, args.parallel, args.precision, device)
     torch.manual_seed(args.seed + rank)  # LoRA dropout: its own draws on each rank
+    say(f"model ready in {time.perf_counter() - t_load:.1f} s")
 
     B, A = args.batch_size, args.grad_accum
     max_steps = args.max_steps or math.ceil(len(examples) / (B * A * world))
