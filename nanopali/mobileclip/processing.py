@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ..processing import InputError, load_image
+from ..siglip.processing import TwoTowerProcessor
 from .model import MobileCLIPConfig
 from .tokenizer import BPETokenizer
 
@@ -38,7 +39,7 @@ def shortest_side_crop(im: Image.Image, size: int, resample: int) -> Image.Image
     return im.crop((left, top, left + size, top + size))
 
 
-class MobileCLIPProcessor:
+class MobileCLIPProcessor(TwoTowerProcessor):
     """Images and texts → pixel_values (I, 3, S, S) and input_ids (J, L)."""
 
     def __init__(self, bpe_path: str, cfg: MobileCLIPConfig):
@@ -58,32 +59,11 @@ class MobileCLIPProcessor:
         return (np.asarray(im, dtype=np.float32) / 255 - self.mean) / self.std
 
     def images(self, images) -> dict[str, torch.Tensor]:
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if not images:
-            raise InputError("Got no images")
-        x = np.stack([self.image_array(im) for im in images]).transpose(0, 3, 1, 2)
+        x = np.stack([self.image_array(im) for im in self.image_list(images)]).transpose(0, 3, 1, 2)
         return {"pixel_values": torch.from_numpy(np.ascontiguousarray(x))}                 # (I, 3, S, S)
 
     def texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        if isinstance(texts, str):
-            texts = [texts]
-        if not texts:
-            raise InputError("Got no texts")
-        for j, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise InputError(f"Text {j} is a {type(t).__name__}, expected a string")
-        return {"input_ids": self.tokenizer(texts)}                                         # (J, L)
-
-    def __call__(self, images=None, texts=None) -> dict[str, torch.Tensor]:
-        if images is None and texts is None:
-            raise InputError("Give images, texts or both")
-        out = {}
-        if images is not None:
-            out.update(self.images(images))
-        if texts is not None:
-            out.update(self.texts(texts))
-        return out
+        return {"input_ids": self.tokenizer(self.text_list(texts))}                         # (J, L)
 
 
 __all__ = ["MobileCLIPProcessor", "shortest_side_crop"]

@@ -46,7 +46,40 @@ def image_array(image, size_hw: tuple[int, int], resample: int, mean, std, resca
     return (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
 
 
-class SigLIPProcessor:
+class TwoTowerProcessor:
+    """What the two-tower processors (SigLIP here, MobileCLIP in nanopali/mobileclip) share: the checks on
+    a batch of images or texts, and one call for images, texts or both. Subclasses define `images(list)`
+    and `texts(list)`."""
+
+    @staticmethod
+    def image_list(images) -> list:
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise InputError("Got no images")
+        return images
+
+    @staticmethod
+    def text_list(texts) -> list[str]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise InputError("Got no texts")
+        for j, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InputError(f"Text {j} is a {type(t).__name__}, expected a string")
+        return texts
+
+    def __call__(self, images=None, texts=None) -> dict[str, torch.Tensor]:
+        if images is None and texts is None:
+            raise InputError("Give images, texts or both")
+        out = {}
+        if images is not None:
+            out.update(self.images(images))
+        if texts is not None:
+            out.update(self.texts(texts))
+        return out
+
+
+class SigLIPProcessor(TwoTowerProcessor):
     """Images and texts → the tensors `SigLIPModel.forward` takes."""
 
     text_normalization: str = "siglip"
@@ -88,14 +121,7 @@ class SigLIPProcessor:
 
     def texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """input_ids (J, L) padded on the right, and attention_mask (J, L) if `return_attention_mask`."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if not texts:
-            raise InputError("Got no texts")
-        for j, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise InputError(f"Text {j} is a {type(t).__name__}, expected a string")
-        rows = [self.text_ids(t) for t in texts]
+        rows = [self.text_ids(t) for t in self.text_list(texts)]
         pad = [self.max_length - len(r) for r in rows]
         out = {"input_ids": torch.tensor([r + [self.pad_id] * n for r, n in zip(rows, pad)])}
         if self.return_attention_mask:
@@ -103,10 +129,7 @@ class SigLIPProcessor:
         return out
 
     def images(self, images) -> dict[str, torch.Tensor]:
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if not images:
-            raise InputError("Got no images")
+        images = self.image_list(images)
         if not self.naflex:
             x = [image_array(im, self.image_size, self.resample, self.mean, self.std, self.rescale) for im in images]
             return {"pixel_values": torch.from_numpy(np.stack(x).transpose(0, 3, 1, 2).copy())}  # (I, 3, S, S)
@@ -120,16 +143,6 @@ class SigLIPProcessor:
         return {"pixel_values": torch.from_numpy(np.stack(patches)),                # (I, P, p·p·3)
                 "patch_mask": torch.from_numpy(np.stack(masks)),                      # (I, P)
                 "grid_hw": torch.tensor(grids)}                                        # (I, 2)
-
-    def __call__(self, images=None, texts=None) -> dict[str, torch.Tensor]:
-        if images is None and texts is None:
-            raise InputError("Give images, texts or both")
-        out = {}
-        if images is not None:
-            out.update(self.images(images))
-        if texts is not None:
-            out.update(self.texts(texts))
-        return out
 
 
 def _to(batch: dict, model: SigLIPModel) -> dict:
