@@ -46,8 +46,12 @@ def test_a_tiny_model_overfits_a_handful_of_examples(setup, tmp_path):
                     max_new_tokens=8) == [r["suffix"] for r in rows]
 
 
-@pytest.mark.parametrize("flags", [[], ["--trainable", "lora", "--lora-dropout", "0.2", "--lr", "1e-2"]],
-                         ids=["full", "lora-with-dropout"])
+LORA = ["--trainable", "lora", "--lora-dropout", "0.2", "--lr", "1e-2"]
+
+
+@pytest.mark.parametrize("flags", [[], LORA, [*LORA, "--quantize-base", "int8"],
+                                   [*LORA, "--quantize-base", "int4", "--quantize-group-size", "32"]],
+                         ids=["full", "lora-with-dropout", "qlora-int8", "qlora-int4"])
 def test_resume_reproduces_the_uninterrupted_losses_exactly(setup, tmp_path, monkeypatch, flags):
     common = ["--max-steps", "6", "--save-every", "3", *flags]
     assert run(setup, tmp_path / "whole", *common) == 0

@@ -1,15 +1,16 @@
-"""train.py --trainable lora --quantize-base int8|int4 end to end on a tiny model: resume is exact, the
-exported model is the trained one, and --estimate-memory counts the quantized base."""
+"""train.py --trainable lora --quantize-base int8|int4 end to end on a tiny model: the exported model is
+the trained one, and --estimate-memory counts the quantized base. (Resume is exact: the qlora cases of
+test_finetune_train.py::test_resume_reproduces_the_uninterrupted_losses_exactly.)"""
 import pytest
 import torch
 
 import nanopali
-from nanopali.train import finetune, resume
+from nanopali.train import resume
 from nanopali.train.data import collate, load_examples
 from nanopali.train.lora import load_adapters
 from test_finetune_data import records, write_dataset
 from test_finetune_data import one_thread  # noqa: F401  (autouse fixture)
-from test_finetune_train import losses, run
+from test_finetune_train import run
 import train  # after test_finetune_data, which puts the repository root on sys.path
 
 
@@ -19,33 +20,6 @@ def setup(hf_checkpoint, tmp_path_factory):
 
 
 QUANTIZE = {"int8": ["--quantize-base", "int8"], "int4": ["--quantize-base", "int4", "--quantize-group-size", "32"]}
-
-
-@pytest.mark.parametrize("scheme", list(QUANTIZE))
-def test_qlora_resume_reproduces_the_uninterrupted_losses_exactly(setup, tmp_path, monkeypatch, scheme):
-    common = ["--max-steps", "6", "--save-every", "3", "--trainable", "lora", "--lora-dropout", "0.2", "--lr", "1e-2",
-              *QUANTIZE[scheme]]
-    assert run(setup, tmp_path / "whole", *common) == 0
-
-    real_step, calls = finetune.train_step, []
-
-    def crash_at_step_5(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(finetune, "train_step", crash_at_step_5)
-    assert run(setup, tmp_path / "split", *common) == 130      # a hard stop: exits without a traceback
-    monkeypatch.setattr(finetune, "train_step", real_step)
-    assert resume.read_train_state(resume.latest(str(tmp_path / "split" / "checkpoints")))["step"] == 3
-    assert run(setup, tmp_path / "split", *common, "--resume") == 0
-
-    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
-    assert list(split) == [1, 2, 3, 4, 5, 6] and split == whole                  # bit for bit
-    a, _ = nanopali.load(tmp_path / "whole")
-    b, _ = nanopali.load(tmp_path / "split")
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_the_exported_model_gives_the_logits_of_the_quantized_base_with_the_trained_adapters(setup, tmp_path):
