@@ -11,6 +11,7 @@ from nanopali.train.data import collate, load_examples
 from nanopali.train.finetune import loss_terms
 from nanopali.generate import generate
 from hf_reference import tf_forward_logits
+from tolerance import paligemma_terms, rounding_bound
 
 
 def _images(n, seed=0):
@@ -43,9 +44,12 @@ def test_two_images_in_one_prompt_give_transformers_logits(model_pair, name, rec
     tf_batch = _tf_batch(pair.tf_processor, images, prompts, suffixes)
     assert torch.equal(batch["input_ids"], tf_batch["input_ids"])
     with torch.no_grad():
-        diff = _text_logits_diff(pair.model, batch, pair.model(**batch), tf_forward_logits(pair.tf_model, tf_batch))
+        ours = pair.model(**batch)
+        diff = _text_logits_diff(pair.model, batch, ours, tf_forward_logits(pair.tf_model, tf_batch))
     record_parity(f"{name}-two-images", diff)
-    assert diff <= 1e-4
+    # fp32 both sides, the same math in other kernels: rounding only (tests/tolerance.py)
+    assert diff <= rounding_bound(torch.float32, ours.abs().max().item(),
+                                  paligemma_terms(pair.model.cfg, batch["input_ids"].shape[1]))
 
 
 def test_a_padded_batch_of_rows_with_one_and_two_images_gives_transformers_logits(model_pair, record_parity):
@@ -60,7 +64,8 @@ def test_a_padded_batch_of_rows_with_one_and_two_images_gives_transformers_logit
         ours = pair.model(**batch)
         diff = _text_logits_diff(pair.model, batch, ours, tf_forward_logits(pair.tf_model, tf_batch))
     record_parity("pg2-one-and-two-images-padded", diff)
-    assert diff <= 1e-4
+    assert diff <= rounding_bound(torch.float32, ours.abs().max().item(),
+                                  paligemma_terms(pair.model.cfg, batch["input_ids"].shape[1]))
     # the row with two images has fewer text positions: right-aligned, zeros in front
     n_text_row0 = int((batch["input_ids"][0] != pair.model.cfg.image_token_id).sum())
     assert ours.shape[1] > n_text_row0 and ours[0, : ours.shape[1] - n_text_row0].abs().max() == 0

@@ -17,6 +17,7 @@ from nanopali.siglip import checkpoint as siglip_checkpoint
 from nanopali import CheckpointError
 from nanopali.siglip import SIGLIP_PRESETS as PRESETS, SigLIPModel, sigmoid_loss
 from nanopali.siglip import embed_images, zero_shot
+from tolerance import assert_rounding_close
 
 KINDS = ("siglip", "siglip2", "naflex")   # SigLIP; SigLIP 2 fixed resolution; SigLIP 2 NaFlex
 TEXTS = ["This is a photo of a Cat.", "A RED  circle, on the beach!", "answer en where is the dog? " * 8]
@@ -130,17 +131,21 @@ def test_a_naflex_image_embeds_the_same_alone_and_in_a_batch(pair, test_images):
     images = images_for("naflex", test_images)
     batch = embed_images(model, processor, images)
     alone = torch.cat([embed_images(model, processor, [im]) for im in images])
-    assert (batch - alone).abs().max() <= 1e-5
+    # the same sums blocked for another batch size: rounding only, over the tower's chain (tests/tolerance.py)
+    v = model.cfg.vision
+    terms = 3 * v.patch_size ** 2 + v.depth * (v.width + v.mlp_dim + v.num_patches) + v.width
+    assert_rounding_close(batch, alone, torch.float32, terms, "batched vs alone")
 
 
 def test_sigmoid_loss_equals_a_hand_computed_case():
     # -1/2 · [log σ(2) + log σ(1) + log σ(-0.5) + log σ(3)]: pairs (0,0), (1,1) match; (0,1), (1,0) do not
     logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
-    assert sigmoid_loss(logits).item() == pytest.approx(0.7314270171575221, abs=1e-6)
+    # fp32 softplus of four O(1) logits, averaged: a few eps of the value
+    assert_rounding_close(sigmoid_loss(logits).item(), 0.7314270171575221, torch.float32, 8, "loss")
     labels = torch.tensor([[1.0, 1.0], [0.0, 1.0]])  # text 1 also describes image 0
-    assert sigmoid_loss(logits, labels).item() == pytest.approx(
-        (math.log1p(math.exp(-2)) + math.log1p(math.exp(1)) + math.log1p(math.exp(0.5))
-         + math.log1p(math.exp(-3))) / 2, abs=1e-6)
+    want = (math.log1p(math.exp(-2)) + math.log1p(math.exp(1)) + math.log1p(math.exp(0.5))
+            + math.log1p(math.exp(-3))) / 2
+    assert_rounding_close(sigmoid_loss(logits, labels).item(), want, torch.float32, 8, "loss")
 
 
 def test_sigmoid_loss_equals_transformers_return_loss(pair, test_images):
