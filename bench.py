@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -193,7 +193,6 @@ def full(args):
     from benchmarks import machine
     from benchmarks.random_checkpoint import bench_config, write_random_checkpoint
 
-    print(machine.describe(torch.get_num_threads()), flush=True)
     bandwidth, rates = machine.read_bandwidth(), machine.gemv_rates()
     print(f"memory read (fp32 sum of 512 MiB): {bandwidth:.1f} GB/s; GEMV, GB/s of weights, "
           f"{machine.N_ROWS}x{machine.K_COLS}: " + ", ".join(
@@ -255,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default %(default)s)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds per batch size; best "
                     "(--full: median) is reported (default %(default)s)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores this process "
+                    "may use; more are cut to them)")
     ap.add_argument("--full", action="store_true", help="the 3B model at full depth on CPU, per mode, beside "
                     "this machine's floors (generation default 2)")
     ap.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4", "fp32"],
@@ -266,20 +266,32 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def set_up_machine(threads: int | None) -> str:
+    """Set torch's threads (the usable cores by default; a request past them is cut, and said on stderr)
+    and return the line naming this machine that heads every result: a number means little without it."""
+    from benchmarks import machine
+    from nanopali.cpu.machine import set_threads
+
+    n, note = set_threads(threads)
+    if note:
+        print(f"--threads: {note}", file=sys.stderr, flush=True)
+    return machine.describe(n)
+
+
 def main():
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
     import nanopali
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be ≥ 1, got {args.threads}")
+    print(set_up_machine(args.threads), flush=True)
     if args.full:
         return full(args)
     args.text_layers = 2 if args.text_layers is None else args.text_layers
     args.vision_layers = 4 if args.vision_layers is None else args.vision_layers
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {device}, {args.dtype}; real widths, "
-          f"{args.text_layers} text / {args.vision_layers} vision layers")
+    print(f"device {device}, {args.dtype}; real widths, {args.text_layers} text / {args.vision_layers} vision layers")
     rows = []
     for gen in args.generation or [1, 2]:
         with tempfile.TemporaryDirectory() as d:

@@ -23,8 +23,8 @@ def parse_args(argv=None):
     p.add_argument("--image", required=True, action="append", help="image path (repeatable)")
     p.add_argument("--labels", help="comma-separated labels")
     p.add_argument("--labels-file", help="one label per line (for labels with commas)")
-    p.add_argument("--template", default="This is a photo of {}.", help="'{}' marks where the label goes; "
-                   "'{}' alone uses the labels as they are")
+    p.add_argument("--template", default="This is a photo of {}.", help="one '{}' marks where the label goes "
+                   "(a literal brace is written '{{' or '}}'); '{}' alone uses the labels as they are")
     p.add_argument("--top", type=int, default=5, help="how many labels to print per image")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
@@ -40,16 +40,31 @@ def read_labels(args) -> list[str]:
     if args.labels is not None:
         labels = [s.strip() for s in args.labels.split(",")]
     else:
-        try:
-            with open(args.labels_file, encoding="utf-8") as f:
-                labels = [s.strip() for s in f]
-        except OSError as e:
-            raise InputError(f"Cannot read --labels-file {args.labels_file} ({e.strerror})") from None
+        labels = read_labels_file(args.labels_file)
     labels = [s for s in labels if s]
     if not labels:
         raise InputError("No labels: --labels / --labels-file gave only empty entries")
     if len(set(labels)) != len(labels):
         raise InputError(f"Labels repeat: {', '.join(sorted({s for s in labels if labels.count(s) > 1}))}")
+    return labels
+
+
+def read_labels_file(path: str) -> list[str]:
+    """One label a line, stripped. Bytes, decoded line by line, so that a bad byte is named with its line."""
+    from nanopali.processing import InputError
+
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().splitlines()
+    except OSError as e:
+        raise InputError(f"Cannot read --labels-file {path} ({e.strerror})") from None
+    labels = []
+    for i, raw in enumerate(raw_lines, 1):
+        try:
+            labels.append(raw.decode("utf-8").strip())
+        except UnicodeDecodeError as e:
+            raise InputError(f"--labels-file {path}:{i}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                             f"{e.start + 1})") from None
     return labels
 
 
@@ -59,8 +74,10 @@ def main(argv=None) -> int:
     from nanopali.processing import InputError
     from nanopali.mobileclip import is_mobileclip_dir, load_mobileclip
     from nanopali.siglip import load_siglip, zero_shot
+    from nanopali.siglip.processing import check_template
 
     labels = read_labels(args)
+    check_template(args.template, "--template")     # before the model loads, not at its first label
     if args.top < 1:
         raise InputError(f"--top must be ≥ 1, got {args.top}")
     device = resolve_device(args.device)
@@ -82,6 +99,8 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, OSError) as e:  # InputError and CheckpointError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
+    # InputError and CheckpointError are ValueErrors; an ImportError names the extra MobileCLIP's tokenizer needs.
+    except (ValueError, OSError, ImportError) as e:
+        from nanopali.formats.files import printable
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         sys.exit(2)

@@ -57,11 +57,13 @@ def parse_args(argv=None):
                    "loading: 2x (int8) or ~4x (int4) fewer bytes read per token; see README 'Speed'")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default), 128, 256")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core). On a "
-                   "machine another program keeps busy, one fewer can be faster: see README 'Speed'")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use; "
+                   "more are cut to them). On a machine another program keeps busy, one fewer can be faster: see "
+                   "README 'Speed'")
     p.add_argument("--attn-impl", default="auto", choices=["auto", "reference", "sdpa", "triton"])
-    p.add_argument("--out", default=None, help="write the image with boxes drawn (PNG); default annotated.png "
-                   "in the current directory when an answer has boxes (several images: annotated_N.png)")
+    p.add_argument("--out", default=None, help="write the image with boxes drawn (PNG unless the name says "
+                   "otherwise, e.g. .jpg); default annotated.png in the current directory when an answer has boxes "
+                   "(several images: annotated_N.png)")
     p.add_argument("--vae", default=None, help="big_vision's vae-oid.npz: decodes the <seg> codes of 'segment' "
                    "answers into masks, drawn into --out (default segmented.png) and added to --json as RLE")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer (fields above)")
@@ -79,6 +81,7 @@ def main(argv=None) -> int:
     import torch
 
     import nanopali
+    from nanopali.cpu import machine
     from nanopali.formats.files import resolve_device, resolve_dtype
     from nanopali.tasks.detection import draw_detections, parse_detections
     from nanopali.generate import generate
@@ -108,10 +111,13 @@ def main(argv=None) -> int:
     if args.vae is not None and not os.path.isfile(args.vae):  # before minutes of loading, not after
         raise nanopali.InputError(f"--vae {args.vae}: no such file. It is big_vision's vae-oid.npz (see the "
                                   "README, 'Boxes and masks')")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise nanopali.InputError(f"--threads must be ≥ 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.out is not None:
+        check_out(args.out)
+    if args.threads is not None and args.threads < 1:
+        raise nanopali.InputError(f"--threads must be ≥ 1, got {args.threads}")
+    threads, note = machine.set_threads(args.threads)  # 10,000 threads once took 27 s to start for 2 tokens
+    if note:
+        print(f"(--threads: {note})", file=sys.stderr)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     npz = {"tokenizer": args.tokenizer, "variant": args.variant} if ckpt.endswith(".npz") else {}
@@ -123,8 +129,8 @@ def main(argv=None) -> int:
                                      quantize=args.quantize, group_size=args.group_size, **npz)
     setting = f"{device}, {str(dtype).removeprefix('torch.')}" + (f", {args.quantize}" if args.quantize else "")
     if not args.json:
-        print(f"(loaded {ckpt} in {time.perf_counter() - t0:.1f} s: {setting}, "
-              f"{torch.get_num_threads()} threads)", file=sys.stderr)
+        print(f"(loaded {ckpt} in {time.perf_counter() - t0:.1f} s: {setting}, {threads} threads)", file=sys.stderr)
+        print(machine.describe(threads), file=sys.stderr)  # what a speed report needs to be compared
     pils = [load_image(p) for p in images]
     batch_images = [pils if args.multi else pils[i] for i in rows]  # --multi: each row holds every image
     compile_step = device.type == "cuda" if args.compile is None else args.compile
@@ -148,7 +154,8 @@ def main(argv=None) -> int:
             if len(images) > 1:
                 root, ext = os.path.splitext(out_path)
                 out_path = f"{root}_{i}{ext or '.png'}"
-            (draw_segmentations(pil, segs) if segs else draw_detections(pil, dets)).save(out_path)
+            drawing = draw_segmentations(pil, segs) if segs else draw_detections(pil, dets)
+            drawing.save(out_path, format=None if os.path.splitext(out_path)[1] else "PNG")
         drawn = out_path and (f"[{shown}] {len(segs)} mask(s)" if segs else f"[{shown}] {len(dets)} box(es)") + \
             f" drawn into {out_path}"
         if stream is not None:
@@ -172,6 +179,23 @@ def main(argv=None) -> int:
         print(f"({n} tokens in {seconds:.2f} s: {n / seconds:.1f} tok/s including the prompt, {setting})",
               file=sys.stderr)
     return 0
+
+
+def check_out(out: str) -> None:
+    """Refuse, before minutes of loading, an --out that could only fail after the answer is generated."""
+    from PIL import Image
+
+    from nanopali import InputError
+
+    folder, ext = os.path.dirname(out) or ".", os.path.splitext(out)[1].lower()
+    if os.path.isdir(out):
+        raise InputError(f"--out {out} is a directory: give a file name, e.g. {os.path.join(out, 'annotated.png')}")
+    if not os.path.isdir(folder):
+        raise InputError(f"--out {out}: {folder}: no such directory")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--out {out}: {folder} is not writable")
+    if ext and Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise InputError(f"--out {out}: no image format PIL writes has the extension {ext!r}; use .png or .jpg")
 
 
 def _bytes(path: str) -> int:
@@ -201,7 +225,14 @@ class Stream:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:  # `sample.py | head`: the reader left. Quiet, with the status a shell gives SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush writes nowhere
+        code = 128 + 13
     except (ValueError, OSError) as e:  # InputError and CheckpointError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        from nanopali.formats.files import printable
+
+        print(f"error: {printable(str(e))}", file=sys.stderr)  # paths and file content, escaped
+        code = 2
+    sys.exit(code)

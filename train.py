@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 import nanopali
 from nanopali.train import finetune, flags, parallel, resume, run_dir
-from nanopali.formats.files import CheckpointError, resolve_dtype
+from nanopali.formats.files import CheckpointError, printable, resolve_dtype
 from nanopali.formats.hf import read_paligemma_config, read_quantization
 from nanopali.config import PRESETS, from_hf_config, preset
 from nanopali.train.data import DataError, DataOrder, collate, load_examples
@@ -142,8 +142,8 @@ def main(argv=None) -> int:
     previous = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         return train(args, rank, world, device)
-    except (DataError, RunError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (DataError, RunError, CheckpointError) as e:  # they quote paths and file content: shown escaped
+        print(f"error: {printable(str(e))}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # before the loop, or a second Ctrl-C: no save (a step may be half done)
         last = resume.latest(os.path.join(args.out_dir, "checkpoints")) if os.path.isdir(args.out_dir) else None

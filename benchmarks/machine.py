@@ -15,16 +15,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nanopali.cpu import machine
+
 N_ROWS, K_COLS, GROUP = 9216, 2304, 64
 _SPAN = 256 << 20   # bytes of distinct weights cycled through per measurement: past any L3
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
 
 
 def _best_time(fn, repeats: int = 7) -> float:
@@ -106,7 +100,8 @@ def decode_bytes(text_cfg, mode: str) -> float:
 
 
 def describe(threads: int) -> str:
+    """nanopali.cpu.machine's line (CPU, the features torch may use, torch, threads) and the load average:
+    a rate measured while another process holds the cores says less about the machine."""
     load1, load5, _ = os.getloadavg()
     busy = "" if load1 < 0.5 else f" (another process is using the CPU: load {load1:.2f} before this run started)"
-    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads; "
-            f"load average {load1:.2f} (1 min) {load5:.2f} (5 min){busy}")
+    return f"{machine.describe(threads)}; load average {load1:.2f} (1 min) {load5:.2f} (5 min){busy}"

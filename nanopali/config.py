@@ -176,8 +176,13 @@ def from_hf_config(cfg: dict) -> PaliGemmaConfig:
                bos_token_id=_typed(t, tw, "bos_token_id", default=2),
                eos_token_id=_typed(t, tw, "eos_token_id", default=1))
     for name, value in ids.items():
-        if not 0 <= value < text.vocab_size:
-            raise ValueError(f"{name} {value} is not a row of the {text.vocab_size}-row embedding")
+        # <image> may be the id just past the embedding, as in a big_vision checkpoint saved by nanopali (its
+        # embedding has the tokenizer's rows and no <image> row): its row is never looked up, here as in
+        # transformers' PaliGemmaModel.forward, which embeds an image token id >= vocab_size as id 0.
+        past = int(name == "image_token_id")
+        if not 0 <= value < text.vocab_size + past:
+            raise ValueError(f"{name} {value} is not a row of the {text.vocab_size}-row embedding"
+                             + (f" nor the id {text.vocab_size} just past it" if past else ""))
     return PaliGemmaConfig(vision=vision, text=text, **ids)
 
 

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 # any test module imports torch. A machine with an NVIDIA GPU runs the compiled kernels instead.
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Speed choices measured on this CPU (nanopali/cpu/products.py) go to a file of the test session, not the
+# user's cache: a test then measures what it loads, whatever an earlier run remembered.
+if "NANOPALI_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["NANOPALI_CACHE_DIR"] = tempfile.mkdtemp(prefix="nanopali-test-cache-")
 
 import numpy as np
 import pytest
@@ -42,6 +47,20 @@ CHECKPOINTS = {
     "pg2-real-widths": dict(generation=2, real_widths=True),
 }
 REAL_WIDTHS = ("pg1-real-widths", "pg2-real-widths")
+
+# The tests whose numbers depend on which kernels the CPU runs (parity, cached == uncached, the quantized
+# paths, training steps, the notebooks' printed results, the choices made per CPU). CI runs them a second
+# time as a laptop without AVX-512 or native bf16: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+# pytest -m numerics` (README, "Tests").
+NUMERICS = {"test_parity_transformers.py", "test_generation.py", "test_quantization.py", "test_qlora.py",
+            "test_notebooks.py", "test_reference_switches.py", "test_multi_image.py", "test_cpu_choices.py",
+            "test_finetune_loss.py", "test_bundled_model.py", "test_bigvision_npz.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in NUMERICS:
+            item.add_marker(pytest.mark.numerics)
 TINY_WINDOW = 8  # hf_reference's tiny Gemma 2 sliding_window
 
 

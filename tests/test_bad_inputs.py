@@ -7,6 +7,7 @@ from inside, so a user sees one message. Each broken checkpoint is a copy of a g
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -180,6 +181,48 @@ def test_every_problem_is_listed_in_one_error(good):
         assert name in str(e)
 
 
+def test_a_stray_tensor_past_the_last_layer_is_named_with_what_its_layer_lacks(good):
+    stray = "language_model.model.layers.2.mlp.up_proj.weight"  # the tiny decoder has layers 0 and 1
+
+    def edit(state):
+        state[stray] = state["language_model.model.layers.1.mlp.up_proj.weight"].clone()
+    _rewrite_weights(good, edit)
+    e = _raises(nanopali.CheckpointError, r"text layer 2 is incomplete", nanopali.load, good)
+    assert stray in str(e) and "lacks 8 tensor(s): language_model.model.layers.2.input_layernorm.weight" in str(e)
+    assert "3 text layers" not in str(e)
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_nan_or_inf_in_weights_is_named_for_every_tensor_that_holds_one(good, quantize):
+    def edit(state):
+        state["language_model.model.norm.weight"][3] = float("nan")
+        state["multi_modal_projector.linear.weight"][0, 1] = float("-inf")   # quantized while loading
+    _rewrite_weights(good, edit)
+    e = _raises(nanopali.CheckpointError, r"model.safetensors .*\nNaN or inf in 2 tensor\(s\): ", nanopali.load, good,
+                quantize=quantize)
+    assert "language_model.model.norm.weight" in str(e) and "multi_modal_projector.linear.weight" in str(e)
+
+
+@pytest.mark.parametrize("scheme, name", [("int8", "language_model.layers.0.attn.q.scale"),
+                                          ("int4", "language_model.layers.1.mlp.up.zero")])
+def test_nan_or_inf_in_a_quantized_checkpoints_scales_is_named(good, tmp_path, scheme, name):
+    from safetensors.torch import load_file
+
+    model, _ = nanopali.load(good, quantize=scheme)
+    nanopali.save_checkpoint(model, str(tmp_path / "q"), str(good / "tokenizer.model"))
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    state[name][0] = float("inf")
+    save_file(state, tmp_path / "q" / "model.safetensors")
+    _raises(nanopali.CheckpointError, rf"NaN or inf in 1 tensor\(s\): {name}$", nanopali.load, tmp_path / "q")
+
+
+def test_finite_weights_whose_sum_overflows_half_precision_still_load(good):
+    """The check sums each tensor (one pass, no temporary); a sum past fp16's 65504 is not a NaN in the file."""
+    _rewrite_weights(good, lambda state: state["multi_modal_projector.linear.weight"].fill_(60000.0))
+    model, _ = nanopali.load(good, dtype=torch.float16)
+    assert bool((model.projector.linear.weight == 60000.0).all())
+
+
 def test_index_naming_a_missing_shard_is_named(hf_checkpoint, tmp_path):
     d = shutil.copytree(hf_checkpoint("pg2-sharded"), tmp_path / "ckpt")
     shard = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))[-1]
@@ -204,6 +247,18 @@ def test_pickle_only_weights_are_refused_without_unpickling(good, tmp_path):
     assert not os.path.exists(trap.marker)
 
 
+def test_a_refused_pickle_message_carries_no_terminal_escapes(tmp_path):
+    """torch styles its weights-only refusal with colour codes, and a crafted file names its own globals;
+    the message quotes torch's reason, and neither may drive the terminal that shows it."""
+    from nanopali.mobileclip import load_mobileclip_model
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(b"\x80\x02cos\x1b[31m\x1b]0;owned\x07\nsystem\nq\x00.")
+    with pytest.raises(nanopali.CheckpointError, match="not a weights-only PyTorch file") as e:
+        load_mobileclip_model(str(path), preset="mobileclip2-s0")
+    assert not any(c in str(e.value) for c in "\x1b\x07"), str(e.value)
+
+
 # ---- arguments ----
 
 def test_unknown_preset_is_named():
@@ -222,6 +277,35 @@ def test_cuda_without_a_gpu_is_refused(hf_checkpoint):
 
 def test_unknown_device_is_named(hf_checkpoint):
     _raises(ValueError, "tpu9", nanopali.load, hf_checkpoint("pg1"), device="tpu9")
+
+
+@pytest.mark.parametrize("image_size", [56.0, "56", True, 30])
+def test_image_size_that_is_not_a_whole_number_of_patches_is_named(hf_checkpoint, image_size):
+    _raises(nanopali.CheckpointError, rf"image_size={re.escape(repr(image_size))} is not a positive multiple "
+            r"of the patch size 14", nanopali.load, hf_checkpoint("pg1"), image_size=image_size)
+
+
+def test_an_image_size_past_any_paligemma_resolution_is_refused_before_the_table_is_built(hf_checkpoint):
+    _raises(nanopali.CheckpointError, r"image_size=1400000 is past 8192 px", nanopali.load, hf_checkpoint("pg1"),
+            image_size=1_400_000)
+
+
+@pytest.mark.parametrize("group_size", [64.0, True, "64", 48])
+def test_int4_group_size_that_is_not_one_the_kernels_take_is_named(hf_checkpoint, group_size):
+    _raises(ValueError, rf"group_size must be one of \(32, 64, 128, 256\), an int .*; got {re.escape(repr(group_size))}$",
+            nanopali.load, hf_checkpoint("pg1"), quantize="int4", group_size=group_size)
+
+
+def test_group_size_with_int8_is_refused_not_ignored(hf_checkpoint):
+    _raises(ValueError, r"group_size=64 is for int4: int8 has one scale per output row",
+            nanopali.load, hf_checkpoint("pg1"), quantize="int8", group_size=64)
+
+
+def test_unknown_quantize_value_is_named_even_for_an_already_quantized_directory(good, tmp_path):
+    model, _ = nanopali.load(good, quantize="int8")
+    nanopali.save_checkpoint(model, str(tmp_path / "q"), str(good / "tokenizer.model"))
+    _raises(ValueError, r"Unknown quantization scheme 'int3'; known: 'int8', 'int4'",
+            nanopali.load, tmp_path / "q", quantize="int3")
 
 
 # ---- images and prompts ----

@@ -6,6 +6,7 @@ text tower over the cut BPE vocabulary (what open_clip_config.json says is what 
 """
 import json
 import os
+import re
 import shutil
 from dataclasses import replace
 
@@ -22,8 +23,10 @@ from nanopali.formats.files import CheckpointError
 from nanopali.mobileclip import (MobileCLIP, MobileCLIPProcessor, load_mobileclip, load_mobileclip_model,
                                  mobileclip_preset)
 from nanopali.mobileclip.checkpoint import config_from_open_clip
+from nanopali.mobileclip.model import OPENAI_MEAN, OPENAI_STD
 from nanopali.mobileclip.processing import shortest_side_crop
 from nanopali.processing import InputError
+from tolerance import assert_rounding_close
 
 OPEN_CLIP_CONFIG = {  # open_clip's MobileCLIP2-S0 config with a small text tower (its fields, its names)
     "model_cfg": {"embed_dim": 512, "custom_text": True,
@@ -105,11 +108,13 @@ def test_preprocessing_matches_open_clip_on_every_pil_mode(preset, tag, test_ima
     """open_clip's eval transform, recorded at 32 px (tests/mobileclip_reference.py): S0's mean 0 / std 1
     bilinear and L-14's OpenAI mean / std bicubic, on RGB, RGBA, LA, L, CMYK and palette images."""
     cfg = mobileclip_preset(preset)
-    processor = MobileCLIPProcessor(ref.SMALL_BPE, replace(cfg, preprocess=replace(cfg.preprocess, image_size=32)))
+    cfg = replace(cfg, preprocess=replace(cfg.preprocess, image_size=32), text=replace(cfg.text, vocab_size=3514))
+    processor = MobileCLIPProcessor(ref.SMALL_BPE, cfg)              # the cut merges file: 3514 ids
     with np.load(os.path.join(ref.FIXTURES, "preprocessing.npz"), allow_pickle=False) as theirs:
         for name, im in test_images.items():
             ours = processor.images([im])["pixel_values"][0].numpy()
-            assert np.abs(ours - theirs[f"{tag}/{name}"]).max() < 1e-5, name
+            # a bicubic resize (4 x 4 taps) in float, then (x - mean) / std: rounding only
+            assert_rounding_close(ours, theirs[f"{tag}/{name}"], torch.float32, 16, name)
 
 
 def test_preprocessing_matches_open_clip_live(loaded, test_images):
@@ -119,7 +124,7 @@ def test_preprocessing_matches_open_clip_live(loaded, test_images):
                                           interpolation="bilinear", resize_mode="shortest")
     for name, im in test_images.items():
         ours = processor.images([im])["pixel_values"][0]
-        assert (ours - transform(im)).abs().max().item() < 1e-6, name
+        assert_rounding_close(ours, transform(im), torch.float32, 16, name)
 
 
 def test_weights_only_pt_loads_as_the_safetensors_do(checkpoint, loaded):
@@ -171,3 +176,106 @@ def test_bad_labels_and_inputs_get_one_clear_error(loaded, checkpoint, tmp_path)
     shutil.copy(os.path.join(checkpoint, "open_clip_model.safetensors"), tmp_path)
     with pytest.raises(CheckpointError, match="No tokenizer"):
         load_mobileclip(str(tmp_path))
+
+
+def _one_error(exc_type, match, fn, *args, **kwargs):
+    """fn(...) raises exactly one exc_type (no chained cause) whose message matches `match`."""
+    with pytest.raises(exc_type, match=match) as info:
+        fn(*args, **kwargs)
+    e = info.value
+    assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__), \
+        f"{type(e).__name__} is chained onto {type(e.__cause__ or e.__context__).__name__}"
+    return e
+
+
+_BAD_TEMPLATES = ["a {} photo of {}", "a photo of {label}", "a {} photo of {label}", "a photo of {0}", "a {} photo {",
+                  "a } photo {}", "a {:>9} photo", "a photo"]
+
+
+@pytest.mark.parametrize("template", _BAD_TEMPLATES)
+def test_a_template_without_exactly_one_placeholder_is_refused_by_zero_shot(loaded, template):
+    model, processor = loaded
+    e = _one_error(InputError, "exactly one '{}'", nanopali.zero_shot, model, processor, Image.new("RGB", (8, 8)),
+                   ["cat", "dog"], template)
+    assert repr(template) in str(e)
+
+
+@pytest.mark.parametrize("template", _BAD_TEMPLATES)
+def test_a_template_without_exactly_one_placeholder_is_refused_by_classify_before_loading(template, tmp_path):
+    e = _one_error(InputError, "--template", classify.main, ["--checkpoint", str(tmp_path / "not-loaded"), "--image",
+                                                             "x.png", "--labels", "cat,dog", "--template", template])
+    assert repr(template) in str(e) and "exactly one '{}'" in str(e)
+
+
+def test_a_template_may_hold_literal_braces_written_double(loaded):
+    model, processor = loaded
+    image = Image.new("RGB", (8, 8))
+    ranked = nanopali.zero_shot(model, processor, image, ["cat", "dog"], "{{a}} {}")
+    y = nanopali.embed_texts(model, processor, ["{a} cat", "{a} dog"])
+    probs = (model.logit_scale.exp() * nanopali.embed_images(model, processor, [image]) @ y.T).softmax(-1)[0]
+    assert dict(ranked) == pytest.approx({"cat": probs[0].item(), "dog": probs[1].item()}, abs=1e-6)
+
+
+def test_a_labels_file_that_is_not_utf8_is_named_with_its_line_and_byte(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes("cat\ndog\nthe café\n".encode("utf-8") + b"caf\xe9 au lait\n")
+    _one_error(InputError, re.escape(f"--labels-file {labels}:4: not valid UTF-8 (byte 0xe9 at column 4)"),
+               classify.main, ["--checkpoint", str(tmp_path / "not-loaded"), "--image", "x.png",
+                               "--labels-file", str(labels)])
+
+
+def _with_vocabulary(checkpoint: str, folder, rows: int) -> str:
+    """A copy of the checkpoint whose text embedding (and config) has `rows` rows; same merges file."""
+    state = safetensors.torch.load_file(os.path.join(checkpoint, "open_clip_model.safetensors"))
+    state["text.token_embedding.weight"] = torch.zeros(rows, state["text.token_embedding.weight"].shape[1])
+    safetensors.torch.save_file(state, str(folder / "open_clip_model.safetensors"))
+    cfg = json.loads(json.dumps(OPEN_CLIP_CONFIG))
+    cfg["model_cfg"]["text_cfg"]["vocab_size"] = rows
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    shutil.copy(ref.SMALL_BPE, folder / "bpe_simple_vocab_16e6.txt.gz")
+    return str(folder)
+
+
+@pytest.mark.parametrize("rows", [3600, 3400])
+def test_a_merges_file_that_does_not_fit_the_text_embedding_is_refused(checkpoint, tmp_path, rows):
+    """3000 merges give 3514 ids: with more rows the start / end ids would sit in the wrong rows (3512, 3513
+    rather than rows - 2, rows - 1), silently; with fewer, ids past the table."""
+    folder = _with_vocabulary(checkpoint, tmp_path, rows)
+    e = _one_error(CheckpointError, "3514 token ids", load_mobileclip, folder)
+    assert f"{rows} rows" in str(e) and "bpe_simple_vocab_16e6.txt.gz" in str(e)
+    assert "open_clip_model.safetensors" in str(e)
+
+
+@pytest.mark.parametrize("size", [0, -64, 10**6, "64", 64.0, True, [64, 32], None])
+def test_an_image_size_that_is_not_a_sensible_positive_integer_is_refused_at_load(size):
+    cfg = json.loads(json.dumps(OPEN_CLIP_CONFIG))
+    cfg["model_cfg"]["vision_cfg"]["image_size"] = size
+    e = _one_error(CheckpointError, "vision_cfg.image_size", config_from_open_clip, cfg, "open_clip_config.json")
+    assert repr(size) in str(e) and "open_clip_config.json" in str(e)
+
+
+@pytest.mark.parametrize("preprocess_cfg", [None, {}, {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
+                                            {"interpolation": None, "resize_mode": None, "mean": None}])
+def test_missing_preprocessing_fields_take_open_clips_defaults(preprocess_cfg, test_images):
+    """open_clip `PreprocessCfg` (bicubic, OpenAI mean / std, shortest side) fills what the file leaves out
+    (merge_preprocess_dict skips None); its recorded pixels for exactly that setting are the fixture's l14/."""
+    cfg = json.loads(json.dumps(OPEN_CLIP_CONFIG))
+    cfg["model_cfg"]["vision_cfg"]["image_size"] = 32
+    if preprocess_cfg is None:
+        del cfg["preprocess_cfg"]
+    else:
+        cfg["preprocess_cfg"] = preprocess_cfg
+    processor = MobileCLIPProcessor(ref.SMALL_BPE, config_from_open_clip(cfg, "test"))
+    with np.load(os.path.join(ref.FIXTURES, "preprocessing.npz"), allow_pickle=False) as theirs:
+        for name, im in test_images.items():
+            ours = processor.images([im])["pixel_values"][0].numpy()
+            assert_rounding_close(ours, theirs[f"l14/{name}"], torch.float32, 16, name)
+
+
+@pytest.mark.parametrize("field, value", [("mean", "0.5"), ("mean", [0.5, 0.5]), ("std", [0.0, 1.0, 1.0]),
+                                          ("std", [1.0, float("nan"), 1.0]), ("interpolation", "nearest")])
+def test_preprocessing_values_that_cannot_normalise_an_image_are_refused_at_load(field, value):
+    cfg = json.loads(json.dumps(OPEN_CLIP_CONFIG))
+    cfg["preprocess_cfg"][field] = value
+    e = _one_error(CheckpointError, "preprocess_cfg", config_from_open_clip, cfg, "open_clip_config.json")
+    assert "open_clip_config.json" in str(e) and repr(value) in str(e)

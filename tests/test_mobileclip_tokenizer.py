@@ -6,6 +6,7 @@ first 3000 merges (the real file is 1.3 MB); where open_clip imports, the full f
 import gzip
 import json
 import os
+import sys
 
 import pytest
 
@@ -24,6 +25,13 @@ TEXTS = [
     "x" * 300, " ".join(f"word{i}" for i in range(120)), "a" + "-b" * 60,
     "control\x07chars\x1b[31mred\x1b[0m", "C1 \x93quoted\x94", "zero\u200bwidth", "tab\x0bvt\x0cff",
 ]
+# Where a hand-written cleaning and split parted from ftfy and the regex package (see the tests below).
+SURROGATES = ["\ud83d\ude00 smile", "a lone \ud800 high half", "a lone \udc00 low half", "\ud83d\ude00", "\ufffd"]
+ENTITIES = ["&NTILDE;and&uacute; &EACUTE;T&EACUTE;", "&AMP;lt; &Ntilde; &COPY;", "<b>&NTILDE;</b> stays"]
+NEW_UNICODE = ["\U0001E4D0\U0001E4D1\U0001E4D2 \U0001E4F1\U0001E4F2",        # Nag Mundari (Unicode 15.0)
+               "x\U00016D43\U00016D44 \U00016D71\U00016D72y"]                 # Kirat Rai (Unicode 16.0)
+MOJIBAKE = ["cafÃ© naÃ¯ve", "Ã¼ber â€œquotedâ€\x9d"]
+TEXTS += SURROGATES + ENTITIES + NEW_UNICODE + MOJIBAKE
 
 
 def _ids(name):
@@ -38,10 +46,54 @@ def cut_tokenizer():
 
 def test_ids_equal_open_clip_on_varied_text(cut_tokenizer):
     ref = _ids("tokenizer_ids.json.gz")
-    assert ref["texts"] == TEXTS
+    assert ref["texts"] == [ascii(t) for t in TEXTS]
     ours = cut_tokenizer(TEXTS).tolist()
     bad = [t for t, a, b in zip(TEXTS, ours, ref["ids"]) if a != b]
     assert bad == []
+
+
+def _reference(texts):
+    """open_clip's recorded ids for some of TEXTS."""
+    ref = _ids("tokenizer_ids.json.gz")
+    table = dict(zip(ref["texts"], ref["ids"]))
+    return [table[ascii(t)] for t in texts]
+
+
+def test_surrogate_pairs_join_and_lone_surrogates_become_u_fffd_as_in_open_clip(cut_tokenizer):
+    """Text from JSON or a UTF-16 source can hold surrogates; ftfy.fix_text joins a pair into its character
+    and replaces a lone one with U+FFFD (`fix_surrogates`) before anything is encoded."""
+    ours = cut_tokenizer(SURROGATES).tolist()
+    assert ours == _reference(SURROGATES)
+    assert ours[0] == cut_tokenizer("\U0001F600 smile")[0].tolist() and ours[3] != ours[4]
+
+
+def test_upper_case_html_entities_decode_as_in_open_clip(cut_tokenizer):
+    """ftfy knows `&NTILDE;`-style entities that html.unescape leaves alone, and unescapes nothing in a
+    text with a `<` in it (its unescape_html="auto")."""
+    ours = cut_tokenizer(ENTITIES).tolist()
+    assert ours == _reference(ENTITIES)
+    assert ours[0] == cut_tokenizer("ñandú été")[0].tolist()
+
+
+def test_letters_and_digits_newer_than_pythons_unicode_tables_split_as_in_open_clip(cut_tokenizer):
+    """`\\p{L}` and `\\p{N}` are the regex package's tables, not those of the running Python's unicodedata:
+    the same ids on every Python version."""
+    assert cut_tokenizer(NEW_UNICODE).tolist() == _reference(NEW_UNICODE)
+    assert words(clean(NEW_UNICODE[0])) == ["\U0001E4D0\U0001E4D1\U0001E4D2", "\U0001E4F1", "\U0001E4F2"]
+
+
+def test_mojibake_is_repaired_as_in_open_clip(cut_tokenizer):
+    ours = cut_tokenizer(MOJIBAKE).tolist()
+    assert ours == _reference(MOJIBAKE)
+    assert ours[0] == cut_tokenizer("café naïve")[0].tolist()
+
+
+@pytest.mark.parametrize("package", ["ftfy", "regex"])
+def test_without_ftfy_or_regex_the_tokenizer_names_the_extra_to_install(monkeypatch, package):
+    monkeypatch.setitem(sys.modules, package, None)           # what `import` sees when it is not installed
+    with pytest.raises(ImportError, match=rf"needs {package}.*pip install -e \"\.\[clip\]\"") as info:
+        BPETokenizer(SMALL_BPE)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 def test_rows_are_sot_text_eot_then_zero_padding(cut_tokenizer):

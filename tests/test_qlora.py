@@ -146,8 +146,9 @@ def test_backward_keeps_no_float_weight_and_dequantizes_a_chunk_at_a_time(monkey
         dense = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
     y.backward(g)
     w = layer.dequantize(dtype=torch.float64)
-    torch.testing.assert_close(x.grad.double(), g.double() @ w, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-5)
+    # fp32 sums over the 64 inputs (forward) and the output rows (backward) in other kernels
+    assert_rounding_close(x.grad, g.double() @ w, torch.float32, rows, "input gradient")
+    assert_rounding_close(y, dense, torch.float32, 64, "forward")
     assert saved.count(rows * 64) == 1                             # the dense call's W only, not the layer's
 
 

@@ -121,6 +121,16 @@ def test_a_truncated_train_state_is_named_with_the_steps_to_resume_from(setup, t
     _fails(capsys, 2, setup, out, "--max-steps", "2", "--resume", match=f"{state} is damaged or truncated")
 
 
+def test_a_train_state_holding_foreign_objects_is_refused_without_terminal_escapes(setup, tmp_path, capsys):
+    """A crafted train_state.pt names a global with colour codes in it; torch's refusal styles its own text."""
+    out = tmp_path / "run"
+    assert run(setup, out, "--max-steps", "2", "--save-every", "1") == 0
+    state = out / "checkpoints" / "step_000002" / "train_state.pt"
+    state.write_bytes(b"\x80\x02cos\x1b[31m\nsystem\nq\x00.")
+    err = _fails(capsys, 2, setup, out, "--max-steps", "2", "--resume", match=f"{state} is damaged or truncated")
+    assert "\x1b" not in err
+
+
 # ---- faults while saving ----
 
 def test_not_enough_disk_space_is_known_before_writing(setup, tmp_path, capsys, monkeypatch):
@@ -185,6 +195,21 @@ def test_a_random_init_too_large_for_the_machine_is_refused_without_allocating(t
     assert train.main(["--init", str(tmp_path / "big.json"), "--tokenizer", os.path.join(ckpt, "tokenizer.model"),
                        "--data", data, "--out-dir", str(tmp_path / "run")]) == 2
     assert "GiB are available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--quantize-base", "int4", "--quantize-group-size", "16"],
+                                   ["--quantize-base", "int4", "--quantize-group-size", "0", "--estimate-memory"],
+                                   ["--quantize-base", "int8", "--quantize-group-size", "64"]],
+                         ids=["int4-16", "int4-0-estimate", "int8-with-group"])
+def test_a_group_size_the_int4_kernels_lack_is_a_usage_error_before_the_run_directory(setup, tmp_path, capsys, flags):
+    """It once surfaced as a 26-line traceback from the memory estimate, with run/.lock left behind."""
+    with pytest.raises(SystemExit) as e:
+        run(setup, tmp_path / "run", "--trainable", "lora", *flags)
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert e.value.code == 2 and "--quantize-group-size" in line and "Traceback" not in err
+    assert ("32, 64, 128, 256" in line) if "int4" in flags else ("--quantize-base int4" in line)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_seed_past_64_bits_is_a_usage_error(setup, tmp_path):

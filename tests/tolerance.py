@@ -62,6 +62,13 @@ def backward_terms(text_cfg, keys: int) -> int:
     return 2 * decoder_terms(text_cfg, keys) + text_cfg.vocab_size
 
 
+def module_terms(module) -> int:
+    """Products along a network's chain when its config says little (convolutions, re-parameterised
+    branches): every weight's fan-in, summed. Branches side by side are counted as if one after the
+    other, which only errs toward a looser bound."""
+    return sum(p[0].numel() for p in module.parameters() if p.dim() >= 2)
+
+
 def max_abs(t) -> float:
     return t.detach().abs().max().item() if isinstance(t, torch.Tensor) else max(abs(float(v)) for v in t)
 

@@ -71,28 +71,56 @@ def native_bf16() -> bool:
     return f["avx512_bf16"] or f["amx"]
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask: a container's or taskset's share), not the
-    machine's count: threads past it only wait for each other."""
+def usable_cpus() -> set[int]:
+    """The logical CPUs this process may run on (its affinity mask: a container's or taskset's share)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):   # not Linux
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """Physical cores among the CPUs this process may use: two hyperthreads of one core share its
+    vector units, so a thread per hyperthread only makes GEMMs wait for each other (torch's own default
+    is one thread per physical core, but it ignores the affinity mask). Where the topology cannot be
+    read, every usable CPU counts as a core."""
+    cores = set()
+    for cpu in usable_cpus():
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f:
+                core = f.read().strip()
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as f:
+                cores.add((f.read().strip(), core))
+        except OSError:
+            cores.add(("cpu", cpu))
+    return max(1, len(cores))
+
+
+def _omp_threads() -> int | None:
+    """OMP_NUM_THREADS when it names a positive count (torchrun sets 1 per process; a user may set it)."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return n if n >= 1 else None
 
 
 def set_threads(requested: int | None = None) -> tuple[int, str | None]:
-    """Set torch's CPU threads: `requested`, or the usable cores when None. More than the usable cores is
-    clamped to them (each thread would get a slice of a core, and 10,000 threads cost seconds to start
-    and memory per stack). Returns (threads set, a message for the user when the request was changed)."""
+    """Set torch's CPU threads: `requested`, else OMP_NUM_THREADS, else the usable cores. More than the
+    usable cores is clamped to them (each thread would get a slice of a core, and 10,000 threads cost
+    seconds to start and memory per stack). Returns (threads set, a message for the user when the
+    request was changed)."""
     cores = usable_cores()
-    if requested is None:
-        n, note = cores, None
-    elif isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
         raise ValueError(f"threads must be an integer ≥ 1, got {requested!r}")
-    elif requested > cores:
-        n, note = cores, f"{requested} threads requested; this process may use {cores} core(s), so {cores} are used"
+    wanted = requested if requested is not None else _omp_threads()
+    if wanted is None:
+        n, note = cores, None
+    elif wanted > cores:
+        source = f"{wanted} threads requested" if requested is not None else f"OMP_NUM_THREADS={wanted}"
+        n, note = cores, f"{source}; this process may use {cores} core(s), so {cores} are used"
     else:
-        n, note = requested, None
+        n, note = wanted, None
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n, note
@@ -104,5 +132,5 @@ def describe(threads: int | None = None) -> str:
     caps = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in f.items())
     env = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ]
     threads = torch.get_num_threads() if threads is None else threads
-    return (f"CPU: {cpu_model()} ({usable_cores()} usable of {os.cpu_count()} cores; {caps}"
+    return (f"CPU: {cpu_model()} ({usable_cores()} usable cores, {len(usable_cpus())} of {os.cpu_count()} CPUs; {caps}"
             f"{'; ' + ' '.join(env) if env else ''}), torch {torch.__version__}, {threads} threads")

@@ -27,7 +27,7 @@ def load(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, va
     big_vision `.npz` file, which needs `tokenizer=` and takes `variant=` (see `bigvision.load_npz`).
 
     dtype: float32, bfloat16, float16, or "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32).
-    image_size (HF directories): load into another resolution, resampling the position table.
+    image_size: load into another resolution, resampling the position table (the native size never does).
     quantize: None, "int8" or "int4" (with group_size 32 / 64 / 128 / 256, default 64): weight-only
     quantization of every Linear and of the tied embedding, done tensor by tensor while reading
     (nanopali/quant). A directory saved from a quantized model loads quantized as it was saved."""
@@ -35,7 +35,9 @@ def load(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, va
 
     if os.fspath(path).endswith(".npz"):
         from .bigvision import load_npz
-        return load_npz(path, variant, tokenizer, dtype, device, attn_impl, quantize, group_size)
+        model, processor = load_npz(path, variant, tokenizer, dtype, device, attn_impl, quantize, group_size,
+                                    image_size)
+        return for_this_cpu(model), processor
     if variant is not None or tokenizer is not None:
         raise CheckpointError(f"variant= and tokenizer= are for big_vision .npz files; {path} is loaded as a "
                               "Hugging Face directory, whose config.json and tokenizer.model say both")
@@ -48,4 +50,14 @@ def load(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, va
         raise CheckpointError(f"{path} holds a quantized base with its LoRA adapters unmerged in {path}/lora: load "
                               "both with nanopali.train.qlora.load_quantized(path)")
     model = load_paligemma_model(path, dtype, device, attn_impl, image_size, quantize, group_size)
-    return model, Processor.for_model(tok, model.cfg)
+    return for_this_cpu(model), Processor.for_model(tok, model.cfg)
+
+
+def for_this_cpu(model):
+    """The speed choices measured on this CPU (nanopali/cpu/products.py), swapped into a CPU model:
+    the decode step's one-row products, and a quantized model's kernel/dense crossover."""
+    if next(model.parameters()).device.type == "cpu":
+        from ..cpu.products import use_fastest_row_products, use_measured_kernel_rows
+        use_fastest_row_products(model)
+        use_measured_kernel_rows(model)
+    return model

@@ -28,8 +28,10 @@ import torch
 
 from ..config import PRESETS, PaliGemmaConfig, preset
 from ..model import PaliGemma
+from ..vit import resample_pos_embed
 from .files import CheckpointError, resolve_device, resolve_dtype
-from .strict import assign, mismatch_error
+from .hf import at_image_size, check_quantize_arguments
+from .strict import all_finite, assign, mismatch_error
 
 # Letters: W SigLIP width, P patches, p patch side, D Gemma width, L layers, N heads, K kv heads,
 # H head dim, F MLP width, V vocab rows.
@@ -271,16 +273,28 @@ def to_tensor(a: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
 def _build(npz: NpzArrays, cfg: PaliGemmaConfig, dtype, device, attn_impl: str, quantize: str | None = None,
            group_size: int | None = None) -> PaliGemma:
     """The model on the meta device, then each parameter read from the file straight into place
-    (quantized as it arrives with `quantize`, as for Hugging Face directories)."""
-    dtype, device = resolve_dtype(dtype, device), resolve_device(device)
+    (quantized as it arrives with `quantize`, as for Hugging Face directories). A position table of
+    another grid than cfg's (cfg at another image size) is resampled as for Hugging Face directories.
+    One error names every array (and layer) that holds a NaN or an inf."""
     with torch.device("meta"):
         model = PaliGemma(cfg)
     place = assign
     if quantize is not None:
         from ..quant import quantizing_place
         place = quantizing_place(model, quantize, group_size, dtype)
+    nonfinite = []
     for name, key, index, f in _mapping(cfg):
-        place(model, name, to_tensor(f(npz.read(key, index)), dtype, device))
+        a = f(npz.read(key, index))
+        if name == "vision_tower.pos_embed" and a.shape[0] != cfg.num_image_tokens:      # (P, W) → (P', W)
+            t = resample_pos_embed(to_tensor(a, torch.float32, device), cfg.num_image_tokens).to(dtype)
+        else:
+            t = to_tensor(a, dtype, device)
+        if all_finite(t):
+            place(model, name, t)
+        elif (where := key + "".join(f"[{i}]" for i in index[:1])) not in nonfinite:   # the layer, not K / V
+            nonfinite.append(where)
+    if nonfinite:
+        raise mismatch_error(npz.path, [], [], [], noun="array", nonfinite=nonfinite)
     unset = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if unset:
         raise RuntimeError(f"nanopali bug: the .npz mapping does not fill {', '.join(unset)}")
@@ -290,31 +304,40 @@ def _build(npz: NpzArrays, cfg: PaliGemmaConfig, dtype, device, attn_impl: str, 
 
 
 def load_npz_model(path: str, variant=None, dtype=torch.float32, device="cpu", attn_impl: str = "auto",
-                   quantize: str | None = None, group_size: int | None = None) -> PaliGemma:
+                   quantize: str | None = None, group_size: int | None = None,
+                   image_size: int | None = None) -> PaliGemma:
     """The model alone from a big_vision .npz (see `load_npz`)."""
+    dtype, device = resolve_dtype(dtype, device), resolve_device(device)
+    check_quantize_arguments(quantize, group_size)
     with NpzArrays(path) as npz:
-        return _build(npz, resolve_variant(variant, npz), dtype, device, attn_impl, quantize, group_size)
+        cfg = at_image_size(resolve_variant(variant, npz), image_size)
+        return _build(npz, cfg, dtype, device, attn_impl, quantize, group_size)
 
 
 def load_npz(path: str, variant=None, tokenizer: str | None = None, dtype=torch.float32, device="cpu",
-             attn_impl: str = "auto", quantize: str | None = None, group_size: int | None = None):
+             attn_impl: str = "auto", quantize: str | None = None, group_size: int | None = None,
+             image_size: int | None = None):
     """(model, processor) from a big_vision PaliGemma / PaliGemma 2 `.npz`.
 
         nanopali.load("paligemma2-3b-pt-224.b16.npz", variant="pg2-3b-224",
                       tokenizer="paligemma_tokenizer.model")
 
-    variant: a preset name, a PaliGemmaConfig, or None to infer the preset from the arrays' shapes.
+    variant: a preset name, a PaliGemmaConfig, or None to infer the preset from the arrays' shapes; the
+    arrays are checked against it at its own image size, then `image_size` (if another) resamples the
+    position table as for a Hugging Face directory.
     tokenizer: the SentencePiece file (big_vision's `paligemma_tokenizer.model`, or `tokenizer.model`
     of any Hugging Face PaliGemma repo: PaliGemma 2 uses PaliGemma 1's); an .npz holds weights only.
     The reference switches keep transformers' defaults; see README for big_vision's settings."""
     from ..processing import Processor
 
+    dtype, device = resolve_dtype(dtype, device), resolve_device(device)
+    check_quantize_arguments(quantize, group_size)
     if tokenizer is None:
         raise CheckpointError(f"{path} is a big_vision .npz, which holds weights only: pass tokenizer= the "
                               "SentencePiece file (paligemma_tokenizer.model from big_vision, or the "
                               "tokenizer.model of a Hugging Face PaliGemma repo)")
     with NpzArrays(path) as npz:
-        cfg = resolve_variant(variant, npz)
+        cfg = at_image_size(resolve_variant(variant, npz), image_size)
         processor = Processor.for_model(os.fspath(tokenizer), cfg)
         if cfg.image_token_id < processor.sp.get_piece_size():
             raise CheckpointError(f"image_token_id {cfg.image_token_id} is a real piece of {tokenizer} "

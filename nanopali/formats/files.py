@@ -14,12 +14,30 @@ import logging
 import math
 import os
 import struct
+import unicodedata
 
 import torch
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is; the message names the file and the tensors."""
+
+
+def printable(text: str) -> str:
+    """`text` as an error may show it when it quotes a file's name or content: every control or format
+    character escaped (`\\x1b`, `\\u202e`), so a crafted file cannot recolour, clear or retitle the
+    terminal, or reorder what is shown, and the name shown still identifies the file. Newlines and tabs stay."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode()
+                   for c in text)
+
+
+def weights_only_refusal(e: Exception) -> str:
+    """What torch.load(weights_only=True) refused, as one printable line: its "WeightsUnpickler error"
+    ("Unsupported global: GLOBAL PIL.Image.Image was not an allowed global by default"), not its first
+    line, which is advice to load the file unsafely, styled with terminal colour codes."""
+    lines = str(e).splitlines() or [type(e).__name__]
+    why = next((x.split("WeightsUnpickler error:", 1)[1] for x in lines if "WeightsUnpickler error:" in x), lines[0])
+    return printable(why.split(". ")[0].strip())
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -145,15 +163,19 @@ _LOGGED: set[str] = set()
 
 
 def resolve_dtype(dtype, device=None) -> torch.dtype:
-    """A torch dtype from a dtype or its name; "auto": bf16 on CUDA, and on a CPU that multiplies bf16
-    natively (AVX-512 BF16 or AMX: measured there, bf16 streams weights 2x faster than fp32 and the
-    GEMMs run ~2.7x faster), else fp32 (emulated bf16 is slower than fp32). The choice is logged."""
+    """A torch dtype from a dtype or its name; "auto": bf16 on CUDA, and on a CPU where torch multiplies
+    bf16 natively (`cpu.machine.native_bf16`: AVX-512 BF16 or AMX, not capped by ONEDNN_MAX_CPU_ISA /
+    ATEN_CPU_CAPABILITY), else fp32 (emulated bf16 is slower than fp32). The choice is logged."""
     if isinstance(dtype, str) and dtype.lower() == "auto":
+        from ..cpu.machine import native_bf16
+
         dev = resolve_device(device)
-        native = dev.type == "cuda" or cpu_has_native_bf16()
+        native = dev.type == "cuda" or native_bf16()
         chosen = torch.bfloat16 if native else torch.float32
-        msg = f"dtype='auto' on {dev.type}: {chosen}" + ("" if dev.type == "cuda" else (
-            " (this CPU multiplies bf16 natively)" if native else " (this CPU has no native bf16)"))
+        why = "" if dev.type == "cuda" else (" (torch multiplies bf16 natively on this CPU)" if native else
+                                             " (no native bf16 for torch on this CPU: AVX-512 BF16 or AMX absent "
+                                             "or capped, and emulated bf16 is slower than fp32)")
+        msg = f"dtype='auto' on {dev.type}: {str(chosen).removeprefix('torch.')}{why}"
         if msg not in _LOGGED:
             _LOGGED.add(msg)
             logging.getLogger("nanopali").info(msg)
@@ -163,17 +185,6 @@ def resolve_dtype(dtype, device=None) -> torch.dtype:
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise ValueError(f"Unsupported dtype {dtype!r}; use float32, bfloat16, float16 or 'auto'")
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX-BF16 on this CPU (what oneDNN's bf16 kernels need to beat fp32), from the
-    flags Linux lists in /proc/cpuinfo; False where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_device(device) -> torch.device:

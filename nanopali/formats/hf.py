@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from ..config import PaliGemmaConfig, from_hf_config, to_hf_config
+from ..config import LIMITS, PaliGemmaConfig, from_hf_config, to_hf_config
 from ..model import PaliGemma
 from ..vit import resample_pos_embed
 from .files import CheckpointError, atomic_write, read_safetensors_header, resolve_device, resolve_dtype, weight_files
@@ -103,26 +103,46 @@ def check_config_against_headers(cfg: PaliGemmaConfig, files: list[str], config_
     """Refuse a config.json whose sizes the weights contradict, from the files' headers alone (no tensor
     is read, nothing is built): the layer counts of both towers and the embedding's rows and width.
     Without it a config of 100,000 layers is found out only after the model is built on the meta
-    device (minutes, gigabytes of module objects); the strict loader would then name every tensor."""
-    layers = {"text": set(), "vision": set()}
+    device (minutes, gigabytes of module objects); the strict loader would then name every tensor.
+    A layer that holds only some of the tensors the file's other layers hold (a stray tensor past the
+    last layer) is not counted as a layer: what it has and what it lacks are named instead."""
+    layers = {"text": {}, "vision": {}}  # tower → {layer: {name within the layer: name in the file}}
     embedding = None
     for path in files:
-        for key, info in read_safetensors_header(path)[0].items():
-            key = canonical_hf_name(key)
+        for stored, info in read_safetensors_header(path)[0].items():
+            key = canonical_hf_name(stored)
             for tower, pattern in _LAYER.items():
                 if m := pattern.match(key):
-                    layers[tower].add(int(m.group(1)))
+                    layers[tower].setdefault(int(m.group(1)), {})[key[m.end():]] = stored
             if key in _EMBEDDING and len(info["shape"]) == 2:
                 embedding = info["shape"]
-    problems = [f"{field} is {want}; the weights hold {max(found) + 1} {tower} layers"
-                for tower, field, want in (("text", "text_config.num_hidden_layers", cfg.text.depth),
-                                           ("vision", "vision_config.num_hidden_layers", cfg.vision.depth))
-                if (found := layers[tower]) and max(found) + 1 != want]
+    problems = [problem for tower, field, want in (("text", "text_config.num_hidden_layers", cfg.text.depth),
+                                                   ("vision", "vision_config.num_hidden_layers", cfg.vision.depth))
+                if (problem := _layer_count_problem(layers[tower], tower, field, want))]
     if embedding is not None and tuple(embedding) != (cfg.text.vocab_size, cfg.text.width):
         problems.append(f"text_config vocab_size x hidden_size is {cfg.text.vocab_size} x {cfg.text.width}; the "
                         f"token embedding is {embedding[0]} x {embedding[1]}")
     if problems:
         raise CheckpointError(f"{config_path} does not match the weights in {', '.join(files)}: " + "; ".join(problems))
+
+
+def _layer_count_problem(found: dict[int, dict[str, str]], tower: str, field: str, want: int) -> str | None:
+    """What is wrong with `want` layers, given {layer: {name within the layer: name in the file}}, or None."""
+    if not found or max(found) + 1 == want:
+        return None  # the strict loader names any tensor missing from a layer within the config's depth
+    full = set().union(*found.values())
+    partial = [i for i in sorted(found) if found[i].keys() != full]
+    if not partial:
+        return f"{field} is {want}; the weights hold {max(found) + 1} {tower} layers"
+
+    def names(i, within):  # a layer's tensors named as the file names them (its own layout)
+        has = next(iter(found[i].items()))
+        prefix = has[1][: len(has[1]) - len(has[0])]
+        return ", ".join(prefix + n for n in sorted(within))
+
+    return f"{field} is {want}; the weights hold {len(found) - len(partial)} complete {tower} layers, and " + \
+        "; ".join(f"{tower} layer {i} is incomplete: it has {names(i, found[i])} and lacks "
+                  f"{len(full - found[i].keys())} tensor(s): {names(i, full - found[i].keys())}" for i in partial)
 
 
 def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device, resample_pos: bool = False,
@@ -147,14 +167,38 @@ def load_state(model: PaliGemma, files: list[str], dtype: torch.dtype, device, r
                                       "PaliGemma ties them")
         place(model, name, tensor)
 
-    def resample(src, shape, dtype, device):
-        return resample_pos_embed(src.read(torch.float32, device), shape[0]).to(dtype)
-
     to_hf = nanopali_names(model.cfg)
     load_strict(model, sources, rename, dtype=dtype, device=device, place=place_checking_the_head,
-                where=f"Checkpoint {', '.join(files)} does not match the config",
-                adapt={"vision_tower.pos_embed": resample} if resample_pos else None,
+                where=f"Checkpoint {', '.join(files)} cannot be loaded as its config.json describes",
+                adapt={"vision_tower.pos_embed": _resampled} if resample_pos else None,
                 file_name=lambda n: to_hf.get(n, n))
+
+
+def _resampled(src, shape, dtype, device):
+    """A position table read in fp32 and resampled to `shape`'s grid (`vit.resample_pos_embed`)."""
+    return resample_pos_embed(src.read(torch.float32, device), shape[0]).to(dtype)
+
+
+def at_image_size(cfg: PaliGemmaConfig, image_size) -> PaliGemmaConfig:
+    """cfg run at image_size (the paper's stage 2, 224 → 448 → 896); None or the native size: cfg itself."""
+    p = cfg.vision.patch_size
+    if image_size is None:
+        return cfg
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 or image_size % p:
+        raise CheckpointError(f"image_size={image_size!r} is not a positive multiple of the patch size {p}")
+    if image_size > LIMITS["image_size"]:   # before a position table of (size/patch)² rows is allocated
+        raise CheckpointError(f"image_size={image_size} is past {LIMITS['image_size']} px: not a PaliGemma resolution")
+    return replace(cfg, vision=replace(cfg.vision, image_size=image_size))
+
+
+def check_quantize_arguments(quantize, group_size) -> None:
+    """Refuse a bad quantize= / group_size= before anything is read (quant.check_scheme says why)."""
+    if quantize is None:
+        if group_size is not None:
+            raise ValueError(f"group_size={group_size!r} goes with quantize='int4'")
+        return
+    from ..quant import check_scheme
+    check_scheme(quantize, group_size)
 
 
 def save_checkpoint(model: PaliGemma, out_dir: str, tokenizer_path: str | None = None) -> None:
@@ -210,6 +254,7 @@ def load_paligemma_model(path: str, dtype=torch.float32, device="cpu", attn_impl
     quantize "int8" / "int4" (groups of `group_size`): weight-only quantization while loading, one
     tensor at a time (nanopali/quant). A directory nanopali saved quantized loads as it was saved."""
     dtype, device = resolve_dtype(dtype, device), resolve_device(device)
+    check_quantize_arguments(quantize, group_size)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"Checkpoint path does not exist: {path}")
@@ -217,16 +262,14 @@ def load_paligemma_model(path: str, dtype=torch.float32, device="cpu", attn_impl
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory (config.json, tokenizer.model, "
                               "*.safetensors)")
     cfg = read_paligemma_config(path)
-    if image_size is not None and image_size != cfg.vision.image_size:
-        if image_size <= 0 or image_size % cfg.vision.patch_size:
-            raise CheckpointError(f"image_size={image_size} is not a positive multiple of the patch size "
-                                  f"{cfg.vision.patch_size}")
-        cfg = replace(cfg, vision=replace(cfg.vision, image_size=image_size))
+    native = cfg.vision.image_size
+    cfg = at_image_size(cfg, image_size)
     files = weight_files(path)
     check_config_against_headers(cfg, files, os.path.join(path, "config.json"))
     saved = read_quantization(path)
     if saved is not None:
-        model = _load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size, image_size)
+        model = _load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size,
+                                resample_pos=cfg.vision.image_size != native)
     else:
         with torch.device("meta"):
             model = PaliGemma(cfg)
@@ -234,16 +277,16 @@ def load_paligemma_model(path: str, dtype=torch.float32, device="cpu", attn_impl
         if quantize is not None:
             from ..quant import quantizing_place
             place = quantizing_place(model, quantize, group_size, dtype)
-        elif group_size is not None:
-            raise CheckpointError("group_size= goes with quantize='int4'")
-        load_state(model, files, dtype, device, resample_pos=image_size is not None, place=place)
+        load_state(model, files, dtype, device, resample_pos=cfg.vision.image_size != native, place=place)
     model.eval()
     model.attn_impl = attn_impl
     return model
 
 
-def _load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size, image_size) -> PaliGemma:
-    """A directory save_checkpoint wrote from a quantized model: the quantized skeleton, filled strictly."""
+def _load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size, resample_pos) -> PaliGemma:
+    """A directory save_checkpoint wrote from a quantized model: the quantized skeleton, filled strictly.
+    The position table stays float when quantized (quant/convert.py), so another image size resamples it
+    as for a float directory."""
     from ..quant import quantized_skeleton
 
     scheme, group = saved["scheme"], saved.get("group_size")
@@ -251,11 +294,10 @@ def _load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size
         raise CheckpointError(f"{path} holds a model quantized as {scheme}" + (f" (groups of {group})" if group else "")
                               + f"; it cannot be loaded as quantize={quantize!r}, group_size={group_size!r}: "
                               "load it without them, or quantize its full-precision checkpoint")
-    if image_size is not None:
-        raise CheckpointError(f"{path} is quantized: image_size= needs the full-precision checkpoint")
     model = quantized_skeleton(cfg, scheme, group, dtype)
     load_strict(model, safetensors_sources(files), lambda key: key, dtype=dtype, device=device,
-                where=f"Quantized checkpoint {', '.join(files)} does not match its config.json")
+                adapt={"vision_tower.pos_embed": _resampled} if resample_pos else None,
+                where=f"Quantized checkpoint {', '.join(files)} cannot be loaded as its config.json describes")
     for module in model.modules():
         if hasattr(module, "prepare"):
             module.prepare(dtype)

@@ -6,10 +6,11 @@ as a given dtype on a given device. `load_strict` then, for every source,
     checks it: known to the model, not seen twice, the parameter's shape,
     reads it straight into a new tensor of the requested dtype and makes that tensor the parameter
     (the model was built on the meta device, so nothing is allocated twice),
-and raises one `CheckpointError` that names every missing, unexpected and mis-shaped tensor.
+and raises one `CheckpointError` that names every missing, unexpected and mis-shaped tensor, and every
+tensor holding a NaN or an inf (a corrupt or diverged save would otherwise load and answer nonsense).
 Hugging Face PaliGemma and SigLIP directories and the VQ-VAE `.npz` go through it whole; a big_vision
 PaliGemma `.npz` is checked array by array against its config first (its arrays are stacked over
-layers, see bigvision.py) and then uses `assign` and `mismatch_error` from here.
+layers, see bigvision.py) and then uses `assign`, `all_finite` and `mismatch_error` from here.
 """
 from __future__ import annotations
 
@@ -48,11 +49,22 @@ def assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def mismatch_error(where: str, missing: list[str], unexpected: list[str], misshaped: list[str],
-                   noun: str = "tensor", hint: str = "") -> CheckpointError | None:
+                   noun: str = "tensor", hint: str = "", nonfinite: list[str] = ()) -> CheckpointError | None:
     """The one error naming everything wrong, or None when nothing is."""
     parts = [f"{what} {len(items)} {noun}(s): " + ", ".join(items)
-             for what, items in (("Missing", missing), ("Unexpected", unexpected), ("Mis-shaped", misshaped)) if items]
+             for what, items in (("Missing", missing), ("Unexpected", unexpected), ("Mis-shaped", misshaped),
+                                 ("NaN or inf in", nonfinite)) if items]
     return CheckpointError(f"{where}:\n" + "\n".join(parts) + hint) if parts else None
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in t, checked in one pass without a temporary: a sum is NaN or inf exactly when a
+    value is, or when it overflows (past fp16's 65504), which the exact check on pieces then tells
+    apart. Measured on a 9216 x 2304 weight (Gemma 2 3B's MLP, 2 CPU cores): the sum takes 10 ms in
+    fp32 and 15 in bf16, `isfinite(t).all()` 345 and 217 and a byte of temporary per value."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return True
+    return all(bool(torch.isfinite(piece).all()) for piece in t.reshape(-1).split(1 << 24))
 
 
 def load_strict(model: nn.Module, sources: Iterable[Source], rename: Callable[[str], str | None], *,
@@ -69,10 +81,19 @@ def load_strict(model: nn.Module, sources: Iterable[Source], rename: Callable[[s
     may be converted rather than refused when its shape differs (a position table resampled to another
     resolution). file_name: name → what to report it by when missing. `unexpected`: items the format
     already found unexpected (e.g. members that are not arrays). place(model, name, tensor): where a
-    tensor goes (default `assign`; quantizing while loading hands the weight to the quantizer)."""
+    tensor goes (default `assign`; quantizing while loading hands the weight to the quantizer), once it
+    is known to hold no NaN or inf."""
     targets = {n: t for n, t in model.state_dict(keep_vars=True).items() if n.startswith(only)}
     adapt = adapt or {}
-    seen, unexpected, misshaped = set(), list(unexpected or []), []
+    seen, unexpected, misshaped, nonfinite = set(), list(unexpected or []), [], []
+
+    def check_and_place(key, name, tensor):
+        seen.add(name)
+        if all_finite(tensor):
+            place(model, name, tensor)
+        else:
+            nonfinite.append(key)
+
     for src in sources:
         name = rename(src.key)
         if name == SKIP or (only and name is not None and not name.startswith(only)):
@@ -92,13 +113,11 @@ def load_strict(model: nn.Module, sources: Iterable[Source], rename: Callable[[s
             if name not in adapt:
                 misshaped.append(f"{src.key}: expected {list(want.shape)}, found {list(src.shape)}")
                 continue
-            place(model, name, adapt[name](src, tuple(want.shape), dtype, device))
-            seen.add(name)
+            check_and_place(src.key, name, adapt[name](src, tuple(want.shape), dtype, device))
         else:
-            place(model, name, src.read(dtype if float_wanted else want.dtype, device))
-            seen.add(name)
+            check_and_place(src.key, name, src.read(dtype if float_wanted else want.dtype, device))
     missing = [file_name(n) for n in targets if n not in seen]
-    error = mismatch_error(where, missing, unexpected, misshaped, noun)
+    error = mismatch_error(where, missing, unexpected, misshaped, noun, nonfinite=nonfinite)
     if error is not None:
         raise error
 

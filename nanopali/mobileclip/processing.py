@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..formats.files import CheckpointError
 from ..processing import InputError, load_image
 from ..siglip.processing import TwoTowerProcessor
 from .model import MobileCLIPConfig
@@ -42,14 +43,20 @@ def shortest_side_crop(im: Image.Image, size: int, resample: int) -> Image.Image
 class MobileCLIPProcessor(TwoTowerProcessor):
     """Images and texts → pixel_values (I, 3, S, S) and input_ids (J, L)."""
 
-    def __init__(self, bpe_path: str, cfg: MobileCLIPConfig):
+    def __init__(self, bpe_path: str, cfg: MobileCLIPConfig,
+                 embedding: str = "the text tower's token embedding (text vocab_size)"):
+        """`embedding` says where the rows the tokenizer must fit come from, for the error that says they don't."""
         pp = cfg.preprocess
         if pp.interpolation not in _FILTERS:
             raise InputError(f"interpolation must be one of {', '.join(_FILTERS)}, got {pp.interpolation!r}")
         self.tokenizer = BPETokenizer(bpe_path, cfg.text.context_length)
-        if self.tokenizer.vocab_size > cfg.text.vocab_size:
-            raise InputError(f"{bpe_path} gives {self.tokenizer.vocab_size} ids; the text tower has "
-                             f"{cfg.text.vocab_size}")
+        n, rows = self.tokenizer.vocab_size, cfg.text.vocab_size
+        # The start / end ids are the last two a merges file gives: fewer ids than rows would not fail but
+        # read other rows for them, so the counts must be equal, not merely in range.
+        if n != rows:
+            raise CheckpointError(f"{bpe_path} gives {n} token ids (<end_of_text> = {self.tokenizer.eot_id}) and "
+                                  f"{embedding} has {rows} rows; expected the merges file these weights were "
+                                  f"trained with ({rows - 2 * 256 - 2} merges)")
         self.image_size, self.resample = pp.image_size, _FILTERS[pp.interpolation]
         self.mean, self.std = np.asarray(pp.mean, np.float32), np.asarray(pp.std, np.float32)
 

@@ -186,10 +186,15 @@ def main(argv=None) -> dict:
     p.add_argument("--no-captioner", action="store_true", help="synthetic captions = ground truth (no PaliGemma)")
     p.add_argument("--eval-scenes", type=int, default=256)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one pair of students per seed")
-    p.add_argument("--threads", type=int, help="torch CPU threads (on a busy 2-core machine 1 was 6x faster than 2)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the cores this process may use; "
+                   "more are cut to them; on a busy 2-core machine 1 was 6x faster than 2)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be ≥ 1, got {args.threads}")
+    from ..cpu.machine import set_threads
+    _, note = set_threads(args.threads)
+    if note:
+        print(note, flush=True)
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     path = os.path.join(args.out, f"reinforced-{args.images}{'-nocap' if args.no_captioner else ''}.pt")

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .modules import QuantizedEmbedding, QuantizedLinear
-from .weight_only import INT4_GROUP_SIZES, quantize_weight
+from .weight_only import check_group_size, quantize_weight
 
 log = logging.getLogger("nanopali")
 
@@ -39,15 +39,16 @@ def layer_scheme(scheme: str, in_features: int, group_size: int | None) -> str:
 
 
 def check_scheme(scheme: str, group_size: int | None) -> int | None:
-    """Validated group size (None for int8)."""
-    if scheme not in SCHEMES:
+    """Validated group size (None for int8). A group size given with int8 is refused, not ignored: the
+    caller asked for something int8 does not do."""
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
         raise ValueError(f"Unknown quantization scheme {scheme!r}; known: {', '.join(map(repr, SCHEMES))}")
     if scheme == "int8":
+        if group_size is not None:
+            raise ValueError(f"group_size={group_size!r} is for int4: int8 has one scale per output row, no "
+                             "groups; drop group_size or use quantize='int4'")
         return None
-    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
-    if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES} (torch's int4 kernels), got {group_size}")
-    return group_size
+    return check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
 
 def quantize_linear_weight(w: torch.Tensor, scheme: str, group_size: int | None = None,

@@ -33,7 +33,9 @@ log = logging.getLogger("nanopali")
 #   int8 dense      6.7   6.6   6.2   7.0   7.6   8.1   9.0   9.5  13.9
 #   int4 kernel     0.52  1.16  3.7   7.5  10.9  14.8  22.3  29.7  61.9
 #   int4 dense       -     -   28.6  29.9  31.6  32.0  32.6  34.0    -
-# int8 crosses over at ~28 rows, int4 (slower to dequantize from the packed layout) at ~110.
+# int8 crosses over at ~28 rows, int4 (slower to dequantize from the packed layout) at ~110. Other CPUs
+# cross elsewhere, so these are only the defaults: nanopali.load measures the crossover on the CPU it
+# runs on and sets each layer's `kernel_rows` (cpu/products.py, `use_measured_kernel_rows`).
 DECODE_MAX_ROWS = {"int8": 24, "int4": 112}
 
 # The dense path dequantizes at most this many weights at a time: the 257,216-row LM head never needs a
@@ -149,6 +151,7 @@ class QuantizedWeight(nn.Module):
 
     def _init_buffers(self, scheme: str, group_size: int | None, buffers: dict) -> None:
         self.scheme, self.group_size = scheme, group_size
+        self.kernel_rows = DECODE_MAX_ROWS[scheme]   # measured on this CPU at load: cpu/products.py
         N, k = buffers["qweight"].shape
         self.out_features, self.in_features = N, k * 2 if scheme == "int4" else k   # int4: two per byte
         for name, t in buffers.items():
@@ -183,7 +186,7 @@ class QuantizedWeight(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])                                         # (M, K)
         if x2.requires_grad and torch.is_grad_enabled():
             return self._frozen_matmul(x2).view(*x.shape[:-1], -1)
-        y = self._fast(x2) if x2.shape[0] <= DECODE_MAX_ROWS[self.scheme] else None
+        y = self._fast(x2) if x2.shape[0] <= self.kernel_rows else None
         if y is None:
             y = self._dense(x2)
         return y.view(*x.shape[:-1], -1)

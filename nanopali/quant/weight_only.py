@@ -95,9 +95,17 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((p >> 4, p & 15), -1).view(p.shape[0], -1)             # (N, K) uint8 in [0, 15]
 
 
+def check_group_size(group_size) -> int:
+    """An int4 group size the kernels take. A float or a bool equal to one is refused too: 64.0 would
+    pass `in INT4_GROUP_SIZES` and fail later in a reshape, True is 1."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, an int (the tile sizes of torch's "
+                         f"int4 kernels); got {group_size!r}")
+    return group_size
+
+
 def check_int4_shape(K: int, group_size: int) -> None:
-    if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES} (torch's int4 kernels), got {group_size}")
+    check_group_size(group_size)
     if K % group_size:
         raise ValueError(f"int4 groups of {group_size} do not divide the input width {K}")
 

@@ -145,6 +145,19 @@ class SigLIPProcessor(TwoTowerProcessor):
                 "grid_hw": torch.tensor(grids)}                                        # (I, 2)
 
 
+def check_template(template: str, name: str = "template") -> None:
+    """A zero-shot template holds exactly one `{}` where the label goes; other braces are doubled (`{{`)."""
+    expected = f"{name} must hold exactly one '{{}}' where the label goes (a literal brace is written '{{{{' or '}}}}')"
+    if not isinstance(template, str):
+        raise InputError(f"{expected}, got a {type(template).__name__}")
+    try:
+        fields = [f[1:] for f in string.Formatter().parse(template) if f[1] is not None]
+    except ValueError as e:   # a single brace: str.format would raise the same at the first label
+        raise InputError(f"{expected}, got {template!r} ({e})") from None
+    if fields != [("", "", None)]:       # (field name, format spec, conversion) of a bare {}
+        raise InputError(f"{expected}, got {template!r}")
+
+
 def _to(batch: dict, model: SigLIPModel) -> dict:
     dev = model.logit_scale.device
     return {k: v.to(dev) for k, v in batch.items()}
@@ -174,8 +187,7 @@ def zero_shot(model: SigLIPModel, processor: SigLIPProcessor, image, labels: Seq
         labels = [labels]
     if not labels or not all(isinstance(label, str) and label.strip() for label in labels):
         raise InputError(f"labels must be non-empty strings, got {labels!r}")
-    if "{}" not in template:
-        raise InputError(f"template must contain '{{}}' where the label goes, got {template!r}")
+    check_template(template)
     x = embed_images(model, processor, [image])
     y = embed_texts(model, processor, [template.format(label) for label in labels])
     logits = model.logits(x, y.to(x.dtype)).float()

@@ -16,6 +16,7 @@ import sys
 import torch
 
 from ..config import PRESETS
+from ..quant.weight_only import INT4_GROUP_SIZES
 from . import finetune
 from .lora import TARGETS
 
@@ -133,7 +134,10 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     if args.quantize_base and args.trainable != "lora":
         parser.error(f"--quantize-base {args.quantize_base} freezes a quantized base: it goes with --trainable lora")
     if args.quantize_group_size is not None and args.quantize_base != "int4":
-        parser.error("--quantize-group-size goes with --quantize-base int4")
+        parser.error("--quantize-group-size goes with --quantize-base int4 (int8 keeps one scale per row)")
+    if args.quantize_group_size is not None and args.quantize_group_size not in INT4_GROUP_SIZES:
+        parser.error(f"--quantize-group-size must be one of {', '.join(map(str, INT4_GROUP_SIZES))} (the tile sizes "
+                     f"of torch's int4 kernels), got {args.quantize_group_size}")
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
     for name in ("batch_size", "grad_accum", "max_steps", "max_seq_len", "log_every", "eval_batch_size"):

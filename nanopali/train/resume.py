@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import re
 import shutil
 
@@ -31,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_optimizer_state_dict)
 
 from ..config import PaliGemmaConfig
-from ..formats.files import atomic_write, file_mode
+from ..formats.files import atomic_write, file_mode, printable, weights_only_refusal
 from ..formats.hf import save_checkpoint
 from .lora import apply_lora, merge_lora, save_adapters
 from .run_dir import LEFTOVER, RunError
@@ -187,8 +188,9 @@ def read_train_state(step_dir: str) -> dict:
     path = os.path.join(step_dir, STATE_FILE)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:  # torch: "PytorchStreamReader failed ..."
-        raise RunError(f"{path} is damaged or truncated ({str(e).splitlines()[0][:120]}). Resume from another "
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # "PytorchStreamReader ..."
+        why = weights_only_refusal(e) if isinstance(e, pickle.UnpicklingError) else printable(str(e).splitlines()[0])
+        raise RunError(f"{path} is damaged or truncated ({why[:120]}). Resume from another "
                        f"step: point {os.path.join(os.path.dirname(step_dir), LATEST)} at one of "
                        f"{_steps(os.path.dirname(step_dir))}") from None
 
