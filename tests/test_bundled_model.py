@@ -27,7 +27,15 @@ NUM_SCENES = 60
 # 0.93 on the README's 300).
 THRESHOLDS = {"caption_exact_match": 0.80, "count_accuracy": 0.80, "vqa_accuracy": 0.90,
               "detection_mean_iou": 0.80}
-SMOKE_LOSS = 1.6   # stage 1 of the recipe, 100 steps of 16 (warmup 10) after stage 0: measured 6.08 → 1.24
+# The recipe at smoke-test scale (below), as recorded on an AMD EPYC (torch 2.13 CPU, 2 threads): stage 0's
+# kind accuracy on shape patches after 200 steps, and stage 1's loss at steps 1, 10, 20, ..., 100.
+SMOKE_STAGE0_ACCURACY = 0.907
+SMOKE_LOSSES = [7.3858, 6.0828, 4.1831, 3.0033, 2.5341, 2.1245, 1.6705, 1.6101, 1.4245, 1.3125, 1.2405]
+# The same EPYC held to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) or to ATen's default
+# kernels printed the same accuracy and losses at most 0.063 % apart; data ordered by seed 1 instead of 0
+# moves 8 of the 11 losses by 1.7-23 %. 0.5 % sits between: other float kernels, unmeasured BLAS included,
+# pass; another data order, scene, recipe value or training step does not.
+SMOKE_LOSS_REL = 0.005
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +106,20 @@ def test_bundled_images_are_the_scenes_of_their_seeds():
             assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(shapes.make_scene(seed).image()))
 
 
-def test_recipe_reproduces_the_model_its_loss_falls_in_a_few_steps(tmp_path):
+def test_recipe_at_smoke_scale_retraces_the_recorded_losses_on_any_cpu(tmp_path):
     """The two commands of recipes/tiny_shapes.py at smoke-test scale: the task data + stage 0, then
-    train.py on the recipe with fewer scenes and steps (everything else as the recipe says)."""
+    train.py on the recipe with fewer scenes and steps (everything else as the recipe says). They are
+    seeded throughout, so on the CPU family and torch build that recorded them they give the recorded
+    numbers bit for bit; another CPU runs other float kernels and lands near them, hence the tolerances."""
     data = tmp_path / "data"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     r = subprocess.run([sys.executable, "-m", "nanopali.shapes", str(data), "--train=160", "--eval=8",
                         "--init-steps=200"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     stage0 = [line for line in r.stdout.splitlines() if line.startswith("stage 0 step 200/200")]
-    assert stage0 and float(stage0[0].split("kind accuracy on shape patches ")[1].split()[0]) > 0.8, r.stdout
+    assert stage0, r.stdout
+    accuracy = float(stage0[0].split("kind accuracy on shape patches ")[1].split()[0])
+    assert abs(accuracy - SMOKE_STAGE0_ACCURACY) <= 0.02, stage0[0]
     metrics = tmp_path / "metrics.jsonl"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), RECIPE, f"--init={data / 'init'}",
                         f"--data={data / 'train.jsonl'}", f"--eval-data={data / 'eval.jsonl'}",
@@ -116,8 +128,11 @@ def test_recipe_reproduces_the_model_its_loss_falls_in_a_few_steps(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(metrics)]
-    losses = [row["loss"] for row in rows if "loss" in row]
-    assert losses[0] > 2.0 and losses[-1] < SMOKE_LOSS, losses
+    losses = [round(row["loss"], 4) for row in rows if "loss" in row]
+    off = [(step, got, want) for step, got, want in zip([1, *range(10, 101, 10)], losses, SMOKE_LOSSES)
+           if abs(got - want) > SMOKE_LOSS_REL * want]
+    assert len(losses) == len(SMOKE_LOSSES) and not off, \
+        f"(step, loss, recorded) more than {SMOKE_LOSS_REL:.1%} apart: {off}; all losses {losses}"
     assert any("eval_loss" in row for row in rows)
     model, _ = nanopali.load(str(tmp_path / "run"))
     assert model.cfg == nanopali.load(shapes.BUNDLED_MODEL)[0].cfg

@@ -27,6 +27,7 @@ from nanopali.mobileclip.model import OPENAI_MEAN, OPENAI_STD
 from nanopali.mobileclip.processing import shortest_side_crop
 from nanopali.processing import InputError
 from tolerance import assert_rounding_close
+from test_bad_inputs import _raises
 
 OPEN_CLIP_CONFIG = {  # open_clip's MobileCLIP2-S0 config with a small text tower (its fields, its names)
     "model_cfg": {"embed_dim": 512, "custom_text": True,
@@ -178,16 +179,6 @@ def test_bad_labels_and_inputs_get_one_clear_error(loaded, checkpoint, tmp_path)
         load_mobileclip(str(tmp_path))
 
 
-def _one_error(exc_type, match, fn, *args, **kwargs):
-    """fn(...) raises exactly one exc_type (no chained cause) whose message matches `match`."""
-    with pytest.raises(exc_type, match=match) as info:
-        fn(*args, **kwargs)
-    e = info.value
-    assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__), \
-        f"{type(e).__name__} is chained onto {type(e.__cause__ or e.__context__).__name__}"
-    return e
-
-
 _BAD_TEMPLATES = ["a {} photo of {}", "a photo of {label}", "a {} photo of {label}", "a photo of {0}", "a {} photo {",
                   "a } photo {}", "a {:>9} photo", "a photo"]
 
@@ -195,14 +186,14 @@ _BAD_TEMPLATES = ["a {} photo of {}", "a photo of {label}", "a {} photo of {labe
 @pytest.mark.parametrize("template", _BAD_TEMPLATES)
 def test_a_template_without_exactly_one_placeholder_is_refused_by_zero_shot(loaded, template):
     model, processor = loaded
-    e = _one_error(InputError, "exactly one '{}'", nanopali.zero_shot, model, processor, Image.new("RGB", (8, 8)),
+    e = _raises(InputError, "exactly one '{}'", nanopali.zero_shot, model, processor, Image.new("RGB", (8, 8)),
                    ["cat", "dog"], template)
     assert repr(template) in str(e)
 
 
 @pytest.mark.parametrize("template", _BAD_TEMPLATES)
 def test_a_template_without_exactly_one_placeholder_is_refused_by_classify_before_loading(template, tmp_path):
-    e = _one_error(InputError, "--template", classify.main, ["--checkpoint", str(tmp_path / "not-loaded"), "--image",
+    e = _raises(InputError, "--template", classify.main, ["--checkpoint", str(tmp_path / "not-loaded"), "--image",
                                                              "x.png", "--labels", "cat,dog", "--template", template])
     assert repr(template) in str(e) and "exactly one '{}'" in str(e)
 
@@ -219,7 +210,7 @@ def test_a_template_may_hold_literal_braces_written_double(loaded):
 def test_a_labels_file_that_is_not_utf8_is_named_with_its_line_and_byte(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_bytes("cat\ndog\nthe café\n".encode("utf-8") + b"caf\xe9 au lait\n")
-    _one_error(InputError, re.escape(f"--labels-file {labels}:4: not valid UTF-8 (byte 0xe9 at column 4)"),
+    _raises(InputError, re.escape(f"--labels-file {labels}:4: not valid UTF-8 (byte 0xe9 at column 4)"),
                classify.main, ["--checkpoint", str(tmp_path / "not-loaded"), "--image", "x.png",
                                "--labels-file", str(labels)])
 
@@ -241,7 +232,7 @@ def test_a_merges_file_that_does_not_fit_the_text_embedding_is_refused(checkpoin
     """3000 merges give 3514 ids: with more rows the start / end ids would sit in the wrong rows (3512, 3513
     rather than rows - 2, rows - 1), silently; with fewer, ids past the table."""
     folder = _with_vocabulary(checkpoint, tmp_path, rows)
-    e = _one_error(CheckpointError, "3514 token ids", load_mobileclip, folder)
+    e = _raises(CheckpointError, "3514 token ids", load_mobileclip, folder)
     assert f"{rows} rows" in str(e) and "bpe_simple_vocab_16e6.txt.gz" in str(e)
     assert "open_clip_model.safetensors" in str(e)
 
@@ -250,7 +241,7 @@ def test_a_merges_file_that_does_not_fit_the_text_embedding_is_refused(checkpoin
 def test_an_image_size_that_is_not_a_sensible_positive_integer_is_refused_at_load(size):
     cfg = json.loads(json.dumps(OPEN_CLIP_CONFIG))
     cfg["model_cfg"]["vision_cfg"]["image_size"] = size
-    e = _one_error(CheckpointError, "vision_cfg.image_size", config_from_open_clip, cfg, "open_clip_config.json")
+    e = _raises(CheckpointError, "vision_cfg.image_size", config_from_open_clip, cfg, "open_clip_config.json")
     assert repr(size) in str(e) and "open_clip_config.json" in str(e)
 
 
@@ -277,5 +268,5 @@ def test_missing_preprocessing_fields_take_open_clips_defaults(preprocess_cfg, t
 def test_preprocessing_values_that_cannot_normalise_an_image_are_refused_at_load(field, value):
     cfg = json.loads(json.dumps(OPEN_CLIP_CONFIG))
     cfg["preprocess_cfg"][field] = value
-    e = _one_error(CheckpointError, "preprocess_cfg", config_from_open_clip, cfg, "open_clip_config.json")
+    e = _raises(CheckpointError, "preprocess_cfg", config_from_open_clip, cfg, "open_clip_config.json")
     assert "open_clip_config.json" in str(e) and repr(value) in str(e)
