@@ -4,7 +4,7 @@
     python bench.py --text-layers 26 --vision-layers 27 --dtype bfloat16 --device cuda   # full size
     python bench.py --full               # the released 3B at full depth on CPU: bf16, int8, int4 vs peers
     python bench.py --full --generation 2 1 --modes bf16 int8 int4 fp32 --keep ~/pg-bench   # all of it
-    python bench.py attention            # the fused kernel vs SDPA / FlexAttention (bench_attention.py)
+    python bench.py attention            # the fused kernel vs SDPA / FlexAttention (benchmarks/attention.py)
     python bench.py gpu [--dry-run]      # everything a lent GPU should measure, in <= 8 min (benchmarks/gpu.py)
     python bench.py compile-report       # kernels compiled for sm_80/89/90, no GPU (benchmarks/compile_report.py)
 
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="subcommands (each has its own --help):\n"
-               "  attention        the fused attention kernel vs SDPA, FlexAttention, reference (bench_attention.py)\n"
+               "  attention        the fused attention kernel vs SDPA, FlexAttention, reference (benchmarks/attention.py)\n"
                "  gpu              everything a lent GPU should measure, one JSON + one Markdown table, <= 8 min;\n"
                "                   --dry-run runs it on CPU at tiny sizes (benchmarks/gpu.py)\n"
                "  compile-report   the fused kernels compiled for sm_80 / sm_89 / sm_90 without a GPU: registers,\n"
@@ -336,7 +336,7 @@ def main():
 
 
 SUBCOMMANDS = {  # name → module with main(); imported on use, so `bench.py --help` stays fast
-    "attention": "bench_attention", "gpu": "benchmarks.gpu", "compile-report": "benchmarks.compile_report"}
+    "attention": "benchmarks.attention", "gpu": "benchmarks.gpu", "compile-report": "benchmarks.compile_report"}
 
 
 if __name__ == "__main__":

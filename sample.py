@@ -32,7 +32,7 @@ pt (pretrained) checkpoints are meant for fine-tuning; mix checkpoints answer th
 
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nanopali", "assets", "tiny-shapes")
 BUNDLED_IMAGE = os.path.join(os.path.dirname(BUNDLED), "images", "shapes_1.png")
-# What the bundled model was trained to answer (nanopali/shapes.py), asked when no --prompt is given.
+# What the bundled model was trained to answer (nanopali/shapes/task.py), asked when no --prompt is given.
 BUNDLED_PROMPTS = ["caption en", "count shapes", "detect circle ; square ; triangle"]
 
 
@@ -54,12 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto: bf16 on CUDA and on CPUs that "
                    "multiply bf16 natively, else fp32; the choice is printed)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization while "
-                   "loading: 2x (int8) or ~4x (int4) fewer bytes read per token; see README 'Speed'")
+                   "loading: 2x (int8) or ~4x (int4) fewer bytes read per token; see docs/speed.md")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default), 128, 256")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use; "
                    "more are cut to them). On a machine another program keeps busy, one fewer can be faster: see "
-                   "README 'Speed'")
+                   "docs/speed.md")
     p.add_argument("--attn-impl", default="auto", choices=["auto", "reference", "sdpa", "triton"])
     p.add_argument("--out", default=None, help="write the image with boxes drawn (PNG unless the name says "
                    "otherwise, e.g. .jpg); default annotated.png in the current directory when an answer has boxes "
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
         raise nanopali.InputError(f"Got {len(images)} --image and {len(prompts)} --prompt; give one prompt for "
                                   "all images, one per image, or several prompts for one image")
     if args.vae is not None and not os.path.isfile(args.vae):  # before minutes of loading, not after
-        raise nanopali.InputError(f"--vae {args.vae}: no such file. It is big_vision's vae-oid.npz (see the "
-                                  "README, 'Boxes and masks')")
+        raise nanopali.InputError(f"--vae {args.vae}: no such file. It is big_vision's vae-oid.npz (see "
+                                  "docs/boxes-and-masks.md#segmenting-an-image)")
     if args.out is not None:
         check_out(args.out)
     if args.threads is not None and args.threads < 1:

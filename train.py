@@ -28,8 +28,9 @@ import torch.distributed as dist
 import nanopali
 from nanopali.train import finetune, flags, parallel, resume, run_dir
 from nanopali.formats.files import CheckpointError, printable, resolve_dtype
-from nanopali.formats.hf import read_paligemma_config, read_quantization
-from nanopali.config import PRESETS, from_hf_config, preset
+from nanopali.formats.hf import read_quantization
+from nanopali.formats.hf_config import from_hf_config, read_paligemma_config
+from nanopali.config import PRESETS, preset
 from nanopali.train.data import DataError, DataOrder, collate, load_examples
 from nanopali.train.cost import estimate_memory, peak_flops
 from nanopali.train.progress import Progress

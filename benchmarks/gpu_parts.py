@@ -57,7 +57,8 @@ def _config(dry_run: bool):
     from dataclasses import replace
 
     import nanopali
-    from nanopali.config import alternating_layers, from_hf_config
+    from nanopali.config import alternating_layers
+    from nanopali.formats.hf_config import from_hf_config
 
     if dry_run:
         with open(os.path.join(TINY, "config.json")) as f:
@@ -151,7 +152,7 @@ def kernel(dry_run: bool) -> list[dict]:
     dev, S, rows = _device(dry_run), 20 if dry_run else 300, []
     g = torch.Generator().manual_seed(1)
     pads, none = torch.tensor([0, 5]), torch.tensor([0, 0])
-    masks = {  # name → (start, prefix_end, T, q_start, window)
+    masks = {  # name → (start, prefix_end, T, slot, window)
         "full (SigLIP)": (none, torch.tensor([S, S]), S, 0, None),
         "causal, left pads": (pads, pads, S, 0, None),
         "prefix-LM, left pads": (pads, torch.tensor([2 * S // 3, S // 3]), S, 0, None),
@@ -179,8 +180,8 @@ def kernel(dry_run: bool) -> list[dict]:
 
 
 def attention(dry_run: bool) -> list[dict]:
-    """TF/s of allowed pairs at S = 4128 (896 px), H 256, GQA 8/4, prefix-LM mask (bench_attention.py)."""
-    import bench_attention as ba
+    """TF/s of allowed pairs at S = 4128 (896 px), H 256, GQA 8/4, prefix-LM mask (benchmarks/attention.py)."""
+    import benchmarks.attention as ba
     from nanopali.masking import PrefixLMMask
 
     dev = _device(dry_run)

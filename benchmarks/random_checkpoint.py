@@ -3,7 +3,7 @@
 The 3B model in fp32 is 12 GB; nothing here holds it. The model is built on the meta device only to
 list its tensors (name, shape); each tensor is then drawn in 32 M-value pieces and streamed into one
 bf16 `model.safetensors` in the hub layout (`formats.hf.nanopali_names`), beside the config.json
-nanopali would write (`config.to_hf_config`) and the bundled tiny tokenizer (the benchmark feeds token
+nanopali would write (`formats.hf_config.to_hf_config`) and the bundled tiny tokenizer (the benchmark feeds token
 ids, the tokenizer only lets a processor be built). safetensors is written by hand, as it is read in
 `formats/files.py`: 8-byte header length, JSON table, raw bytes in table order.
 """
@@ -18,9 +18,10 @@ from dataclasses import replace
 import torch
 
 import nanopali
-from nanopali.config import alternating_layers, to_hf_config
+from nanopali.config import alternating_layers
 from nanopali.formats.files import atomic_write
 from nanopali.formats.hf import nanopali_names
+from nanopali.formats.hf_config import to_hf_config
 
 _PIECE = 32 << 20   # values drawn at a time: 128 MB of fp32, 64 MB once in bf16
 

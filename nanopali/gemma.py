@@ -97,11 +97,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """x (B, N, T, H) rotated to positions (B, T): both steps above in one call."""
-    return apply_rope(x, *rope_tables(positions, x.shape[-1], theta, x.dtype))
-
-
 class TiedEmbedding(nn.Embedding):
     """The token embedding E (V, D), read two ways: rows for input ids, and h · Eᵀ as the LM head
     (PaliGemma ties the two, paper §3.1). A quantized model swaps in a module with the same two calls."""
@@ -119,22 +114,22 @@ class Attention(nn.Module):
         self.k = nn.Linear(D, K * H, bias=False)
         self.v = nn.Linear(D, K * H, bias=False)
         self.o = nn.Linear(N * H, D, bias=False)
+        self.impl = "auto"                         # attention.IMPLS; set for every layer by Gemma.attn_impl
 
-    def forward(self, x, mask: PrefixLMMask, rope_cs, cache=None, pos=None, attn_impl: str = "auto"):
-        """x (B, T, D). pos None: the queries are the whole sequence (a cache, if given, is filled from
-        slot 0: the prefill); pos a 0-d tensor: one decode step at that cache slot, over all slots."""
+    def forward(self, x, mask: PrefixLMMask, rope_cs, slot: torch.Tensor, cache=None):
+        """x (B, T, D): the tokens at cache slots slot..slot+T-1 (slot a 0-d tensor: 0 for a whole
+        sequence, the step's slot in decoding). With a cache, their keys/values are written there and
+        the queries read all S slots, the mask hiding the unwritten ones; without, they read each other."""
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q(x).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)       # (B, N, T, H)
         k = self.k(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # (B, K, T, H)
         v = self.v(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # (B, K, T, H)
         q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
-        if cache is not None and pos is None:
-            k, v = cache.prefill(self.layer, k, v)                                   # (B, K, T, H)
-        elif cache is not None:
-            k, v = cache.update(self.layer, k, v, pos)                               # (B, K, S, H)
+        if cache is not None:
+            k, v = cache.update(self.layer, slot, k, v)                              # (B, K, S, H)
         o = attention(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap,
-                      window=cfg.window(self.layer), q_start=0 if pos is None else pos, impl=attn_impl)
+                      window=cfg.window(self.layer), slot=slot, impl=self.impl)     # (B, N, T, H)
         return self.o(o.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -162,8 +157,8 @@ class DecoderLayer(nn.Module):
         self.mlp = GeGLU(cfg)
         self.post_ffw_norm = RMSNorm(D, eps) if cfg.post_norms else nn.Identity()
 
-    def forward(self, x, mask, rope_cs, cache=None, pos=None, attn_impl="auto"):
-        x = x + self.post_attn_norm(self.attn(self.pre_attn_norm(x), mask, rope_cs, cache, pos, attn_impl))
+    def forward(self, x, mask, rope_cs, slot, cache=None):
+        x = x + self.post_attn_norm(self.attn(self.pre_attn_norm(x), mask, rope_cs, slot, cache))
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
 
 
@@ -174,8 +169,17 @@ class Gemma(nn.Module):
         self.embed = TiedEmbedding(cfg.vocab_size, cfg.width)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.depth))
         self.final_norm = RMSNorm(cfg.width, cfg.rms_norm_eps)
-        self.attn_impl = "auto"
         self.gradient_checkpointing = False
+
+    @property
+    def attn_impl(self) -> str:
+        """The attention implementation asked for (attention.IMPLS); each layer holds it."""
+        return self.layers[0].attn.impl
+
+    @attn_impl.setter
+    def attn_impl(self, impl: str) -> None:
+        for block in self.layers:
+            block.attn.impl = impl
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """E[ids] · √D, with √D rounded to the weight dtype first (45.25 in bf16 for D=2048) as both
@@ -183,16 +187,15 @@ class Gemma(nn.Module):
         x = self.embed(ids)
         return x * torch.tensor(self.cfg.width ** 0.5, dtype=x.dtype)
 
-    def forward(self, x, mask: PrefixLMMask, positions, cache=None, pos=None) -> torch.Tensor:
-        """x (B, T, D) embeddings at RoPE positions (B, T) → final-normed hidden states (B, T, D);
-        cache and pos as in Attention."""
+    def forward(self, x, mask: PrefixLMMask, positions, slot: torch.Tensor, cache=None) -> torch.Tensor:
+        """x (B, T, D) embeddings at RoPE positions (B, T) and cache slots slot.. → final-normed hidden
+        states (B, T, D); slot and cache as in Attention."""
         rope_cs = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for block in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, rope_cs, None, None, self.attn_impl,
-                                                      use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, rope_cs, slot, use_reentrant=False)
             else:
-                x = block(x, mask, rope_cs, cache, pos, self.attn_impl)
+                x = block(x, mask, rope_cs, slot, cache)
         return self.final_norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

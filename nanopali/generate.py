@@ -69,8 +69,8 @@ def check_length(cfg, prompt_tokens: int, max_new_tokens: int) -> None:
                          f"{limit}. Shorten the prompt or ask for at most {max(limit - prompt_tokens, 0)} new tokens")
 
 
-def _step(model: PaliGemma, tokens, pos, cache, mask):
-    return model.decode_step(tokens, pos, cache, mask)
+def _step(model: PaliGemma, tokens, slot, cache, mask):
+    return model.decode_step(tokens, slot, cache, mask)
 
 
 _COMPILED = {}
@@ -97,7 +97,7 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
 
     stop_at_eos=False decodes exactly max_new_tokens for every row (benchmarks). compile=True runs the
     decode step through torch.compile (CUDA graphs with mode "reduce-overhead" on GPU); eager and
-    compiled steps are the same function of tensors, the slot `pos` included; falls back to eager
+    compiled steps are the same function of tensors, the cache slot included; falls back to eager
     where compile fails. on_token(tokens) is called with each step's (B,) new ids as they are decoded
     (rows already done get pad), so a caller can show the answer appearing (sample.py streams it)."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
@@ -119,7 +119,7 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
                                  batch.get("token_type_ids"), cache=cache)                 # (B, V)
     out = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    pos = torch.tensor(T, device=dev)                                               # the next token's slot
+    slot = torch.tensor(T, device=dev)                                              # the next token's slot
     steps = max_new_tokens
     for t in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_k, top_p, generator)
@@ -132,10 +132,10 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
         if bool(done.all()) or t == max_new_tokens - 1:
             steps = t + 1
             break
-        logits = step(model, tok, pos, cache, mask)
+        logits = step(model, tok, slot, cache, mask)
         if compile:
             logits = logits.clone()  # CUDA graphs reuse their output buffer at the next step
-        pos += 1
+        slot += 1
     rows = []
     for row in out[:, :steps].tolist():
         rows.append(row[: row.index(cfg.eos_token_id) + 1] if stop_at_eos and cfg.eos_token_id in row else row)

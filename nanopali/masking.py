@@ -21,7 +21,7 @@ already do); for a pad it keeps the softmax row finite instead of 0/0, so no NaN
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +33,6 @@ class PrefixLMMask:
     start: torch.Tensor       # (B,) int64: first real token of each row (= number of left pads)
     prefix_end: torch.Tensor  # (B,) int64: first suffix token of each row (= length if none)
     length: int               # T of the batch the mask was built for
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_batch(cls, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> "PrefixLMMask":
@@ -71,27 +70,18 @@ class PrefixLMMask:
     def batch(self) -> int:
         return self.start.shape[0]
 
-    def allowed(self, q_start=0, q_len: int | None = None, kv_len: int | None = None,
+    def allowed(self, slot=0, q_len: int | None = None, kv_len: int | None = None,
                 window: int | None = None) -> torch.Tensor:
-        """Boolean (B, 1, T, S) mask: may query at absolute index q_start + t read key s?
+        """Boolean (B, 1, T, S) mask: may the query at absolute index slot + t read key s?
 
-        q_start/q_len select the queries (a decode step is q_start = its cache slot, q_len = 1);
-        kv_len is the number of keys (a static cache may hold more slots than are filled).
-        q_start is an int, or a 0-d tensor: a decode step's slot, kept on the device so that one
-        compiled step serves every position. Masks for an int are memoised (every layer asks)."""
-        q_len = self.length - q_start if q_len is None else q_len
+        slot is the cache slot of the first query: 0 for a whole sequence, the step's slot in decoding,
+        an int or a 0-d tensor on the device (one compiled step then serves every slot). q_len is the
+        number of queries (given whenever slot is a tensor), kv_len the number of keys (a static cache
+        may hold more slots than are written)."""
+        q_len = self.length - slot if q_len is None else q_len
         kv_len = self.length if kv_len is None else kv_len
-        if isinstance(q_start, torch.Tensor):
-            return self._dense(q_start + torch.arange(q_len, device=q_start.device), kv_len, window)
-        key = (q_start, q_len, kv_len, window)
-        if key not in self._cache:
-            self._cache[key] = self._dense(torch.arange(q_start, q_start + q_len, device=self.start.device),
-                                           kv_len, window)
-        return self._cache[key]
-
-    def _dense(self, q_index: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
-        i = q_index.to(self.start.device)[None, :, None]                          # (1, T, 1)
-        j = torch.arange(kv_len, device=self.start.device)[None, None, :]         # (1, 1, S)
+        i = (slot + torch.arange(q_len, device=self.start.device))[None, :, None]   # (1, T, 1)
+        j = torch.arange(kv_len, device=self.start.device)[None, None, :]           # (1, 1, S)
         start = self.start[:, None, None]
         pe = self.prefix_end[:, None, None]
         causal = j <= i
@@ -99,14 +89,14 @@ class PrefixLMMask:
             causal = causal & (i - j < window)
         both_prefix = (i < pe) & (j < pe)
         real = (i >= start) & (j >= start)
-        return ((real & (both_prefix | causal)) | (i == j))[:, None]             # (B, 1, T, S)
+        return ((real & (both_prefix | causal)) | (i == j))[:, None]               # (B, 1, T, S)
 
     def positions(self, base: int = 1) -> torch.Tensor:
         """RoPE position of every token, (B, T): 0 or 1 for the first real token (see `base`)."""
         return self.positions_at(torch.arange(self.length, device=self.start.device), base)
 
     def positions_at(self, index: torch.Tensor, base: int = 1) -> torch.Tensor:
-        """RoPE positions (B, len(index)) of the tokens at these absolute indices (a decode step: its slot).
+        """RoPE positions (B, len(index)) of the tokens at these absolute indices (cache slots).
 
         The one position rule: a token's position counts the real tokens of its row before it, so left
         pads shift nothing. transformers counts from 1 (cumsum(attention_mask) in generate, then +1);

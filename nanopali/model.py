@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import log_choice, resolve_impl
+from .attention import choose, log_choice
 from .config import PaliGemmaConfig
 from .gemma import Gemma
 from .kv_cache import StaticKVCache
@@ -43,15 +43,19 @@ class PaliGemma(nn.Module):
 
     @property
     def attn_impl(self) -> str:
-        """The attention implementation the decoder runs on its device ("auto" resolved)."""
-        return resolve_impl(self.language_model.attn_impl, self.device, self.cfg.text.attn_softcap)
+        """The attention implementation the decoder runs: attention.choose's answer for its calls."""
+        t = self.cfg.text
+        return choose(self.language_model.attn_impl, self.device, self.dtype, t.head_dim,
+                      t.num_heads // t.num_kv_heads, t.attn_softcap)
 
     @attn_impl.setter
     def attn_impl(self, impl: str) -> None:
-        resolve_impl(impl, torch.device("cpu"), None)  # validates the name
+        t = self.cfg.text
+        chosen = choose(impl, self.device, self.dtype, t.head_dim, t.num_heads // t.num_kv_heads,
+                        t.attn_softcap)                                      # refuses an unknown name
         self.vision_tower.attn_impl = self.language_model.attn_impl = impl
         if self.device.type != "meta":
-            log_choice(impl, self.device, self.cfg.text.attn_softcap)
+            log_choice(impl, chosen, self.device, t.attn_softcap)
 
     def set_gradient_checkpointing(self, on: bool = True) -> None:
         self.vision_tower.gradient_checkpointing = self.language_model.gradient_checkpointing = on
@@ -78,7 +82,7 @@ class PaliGemma(nn.Module):
                       cache=None) -> tuple[torch.Tensor, PrefixLMMask]:
         """The decoder's final-normed hidden states (B, T, D) for a whole prompt, and its mask.
 
-        With a cache, keys/values are written to slots 0..T-1 (the prefill of generation)."""
+        The prompt is at slots 0..T-1; with a cache, its keys/values are written there (the prefill)."""
         if input_ids.shape[1] > self.cfg.text.max_positions:
             raise ValueError(f"input_ids hold {input_ids.shape[1]} tokens; the decoder has "
                              f"{self.cfg.text.max_positions} positions (text_config.max_position_embeddings)")
@@ -86,7 +90,8 @@ class PaliGemma(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         mask = PrefixLMMask.from_batch(attention_mask, token_type_ids)
         x = self.embed(input_ids, pixel_values)
-        h = self.language_model(x, mask, mask.positions(self.cfg.position_base), cache=cache)
+        slot = torch.zeros((), dtype=torch.long, device=input_ids.device)
+        h = self.language_model(x, mask, mask.positions(self.cfg.position_base), slot, cache)
         return h, mask
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -104,18 +109,20 @@ class PaliGemma(nn.Module):
                 cache: StaticKVCache) -> tuple[torch.Tensor, PrefixLMMask]:
         """Run the whole prompt once, filling cache slots 0..T-1: next-token logits (B, V) and the mask,
         extended to the cache's length (a generated token is a causal suffix token)."""
+        if input_ids.shape[1] > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; the prompt has {input_ids.shape[1]}")
         h, mask = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids, cache=cache)
         return self.logits(h[:, -1]), mask.extend(cache.max_len - mask.length)
 
-    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache,
+    def decode_step(self, tokens: torch.Tensor, slot: torch.Tensor, cache: StaticKVCache,
                     mask: PrefixLMMask) -> torch.Tensor:
-        """One token per row, (B,) ids at cache slot `pos` (a 0-d tensor) → next-token logits (B, V).
+        """One token per row, (B,) ids at cache slot `slot` (a 0-d tensor) → next-token logits (B, V).
 
         Everything is a tensor on the device and every shape is fixed, so this one function serves every
         step, eager or compiled (torch.compile / CUDA graphs)."""
-        positions = mask.positions_at(pos[None], self.cfg.position_base)                  # (B, 1)
+        positions = mask.positions_at(slot[None], self.cfg.position_base)                 # (B, 1)
         x = self.language_model.embed_tokens(tokens[:, None])                             # (B, 1, D)
-        h = self.language_model(x, mask, positions, cache=cache, pos=pos)
+        h = self.language_model(x, mask, positions, slot, cache)
         return self.logits(h[:, -1])
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None) -> torch.Tensor:
@@ -125,15 +132,10 @@ class PaliGemma(nn.Module):
         the rows with fewer are padded at the front with zeros."""
         h, _ = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids)
         is_text = input_ids != self.cfg.image_token_id                                # (B, T)
-        counts = is_text.sum(1)
-        T_text = int(counts.max())
-        if bool((counts == T_text).all()):
-            h = h[is_text].view(h.shape[0], T_text, h.shape[-1])                      # (B, T_text, D)
-            return self.logits(h)
-        # Rows with more images have fewer text positions: right-align each row's text positions
-        # (as its tokens are) and fill the front with zeros, like the pads of the input.
-        logits = self.logits(h[is_text])                              # (sum T_text, V)
-        out = logits.new_zeros(h.shape[0], T_text, logits.shape[-1])
-        col = torch.cumsum(is_text, 1) - 1 + (T_text - counts)[:, None]               # (B, T)
-        out[torch.nonzero(is_text, as_tuple=True)[0], col[is_text]] = logits
-        return out
+        T_text = int(is_text.sum(1).max())
+        # A stable sort moves each row's image tokens to the front, text after in order: the last T_text
+        # columns are the text positions, right-aligned. Only a row with more images than another still
+        # holds image tokens there; they become zero vectors, whose logits are 0, like the input's pads.
+        idx = is_text.int().sort(dim=1, stable=True).indices[:, is_text.shape[1] - T_text:]   # (B, T_text)
+        h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])) * is_text.gather(1, idx)[..., None]
+        return self.logits(h)                                                          # (B, T_text, V)

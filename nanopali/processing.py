@@ -1,13 +1,18 @@
-"""Inputs: images → pixel values, text → token ids in PaliGemma's layout (PaliGemma paper §3.2).
+"""The model's input (PaliGemma paper §3.2): images and text laid out as one sequence per row,
 
-Image (docs/files.md#image-preprocessing, transformers `SiglipImageProcessorPil`): any PIL mode → RGB
-(transparency composited onto white) → squash to S×S with PIL bicubic on uint8 → ×1/255 (float64, then
-float32) → (x-0.5)/0.5.
-Text (docs/sequence.md#token-layout): [<image>]×P·n [BOS] sp(prompt + "\\n") | sp(suffix) [EOS], rows left-padded
-with <pad> (transformers' tokenizer pads on the left), token_type_ids 1 on suffix + EOS.
-The tokenizer is the checkpoint's own `tokenizer.model`, read with sentencepiece (no transformers).
-Two of big_vision's differences are switches, defaulting to transformers: `Processor.image_resize`
-(bilinear, re-quantized to uint8) and `Processor.separator` ("\\n" tokenized on its own).
+    [<pad> …]  [<image>]×P·n  [BOS] sp(prompt + "\\n")  sp(suffix) [EOS]
+    left pads  └────── prefix: full attention ───────┘  └─ suffix: causal┘
+
+P image tokens for each of the row's n images. Rows are padded on the left (as transformers'
+tokenizer pads), so every row ends at the same index (docs/sequence.md#token-layout). `prefix_ids`
+and `suffix_ids` build the two parts; token_type_ids is 1 on the suffix and EOS, which is what the
+prefix-LM mask (masking.py) reads.
+Images: any PIL mode → RGB (formats/images.py) → squash to S×S with PIL bicubic on uint8 → ×1/255
+(float64, then float32) → (x-0.5)/0.5 (docs/files.md#image-preprocessing, transformers
+`SiglipImageProcessorPil`). The tokenizer is the checkpoint's own `tokenizer.model`, read with
+sentencepiece (no transformers). Two of big_vision's differences are switches, defaulting to
+transformers: `Processor.separator` ("\\n" tokenized on its own) and `Processor.image_resize`
+(bilinear, re-quantized to uint8).
 """
 from __future__ import annotations
 
@@ -16,107 +21,20 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-MAX_IMAGE_PIXELS = 100_000_000  # refuse larger images (PIL's own bomb limit is ~179 MP)
-
-
-class InputError(ValueError):
-    """Bad user input (image, prompt, argument), with a message naming what is wrong."""
-
-
-def load_image(image) -> Image.Image:
-    """A PIL image from a path or a PIL image, with one clear error for every way it can be bad.
-
-    A file is turned as its EXIF orientation says (a phone's portrait JPEG is stored sideways with a tag
-    saying so), as every image viewer and transformers' `load_image` do, so the model sees, and boxes
-    are drawn on, what a person sees. A PIL image passed in is used as given, pixels as stored (as
-    transformers' processor does): open it with `load_image(path)`, or apply `PIL.ImageOps.exif_transpose`."""
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise InputError(f"Image file not found: {path}")
-        try:
-            with Image.open(path) as im:
-                _check_size(im, path)
-                im.load()
-                return ImageOps.exif_transpose(im)  # a copy, turned when the file says so
-        except Image.DecompressionBombError as e:
-            raise InputError(f"Image {path} is too large: {e}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise InputError(f"Cannot read {path} as an image ({type(e).__name__}: {e})") from None
-    if isinstance(image, Image.Image):
-        _check_size(image, "image")
-        return image
-    raise InputError(f"Expected a PIL image or a path, got {type(image).__name__}")
-
-
-def _check_size(im: Image.Image, name: str) -> None:
-    w, h = im.size
-    if w == 0 or h == 0:
-        raise InputError(f"{name} has zero size ({w}x{h})")
-    if w * h > MAX_IMAGE_PIXELS:
-        raise InputError(f"{name} is {w}x{h} = {w * h:,} pixels; the limit is {MAX_IMAGE_PIXELS:,}")
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB as transformers' `convert_to_rgb`: alpha (RGBA, LA, P with transparency) over white.
-
-    16-bit greyscale (I;16*, and I, which is how PIL opens 16-bit PNGs) is mapped to 8 bits by
-    value/257 (0..65535 → 0..255; PIL's own convert would clip at 255, turning most 16-bit images
-    white). Float greyscale (F) is taken as already in 0..255 and clipped."""
-    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        a = a if im.mode == "F" else a / 257.0
-        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
-    if im.mode == "RGB":
-        return im
-    if "A" in im.getbands() or im.info.get("transparency") is not None:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-IMAGE_RESIZES = ("bicubic", "bilinear", "bilinear_antialias")  # see Processor.image_resize
-
-
-def preprocess_image(image, size: int, resize: str = "bicubic") -> torch.Tensor:
-    """(3, size, size) float32 in [-1, 1]. resize "bicubic": bit-identical to transformers' PIL backend;
-    "bilinear" / "bilinear_antialias": big_vision's pp ops (see `Processor.image_resize`)."""
-    if resize not in IMAGE_RESIZES:
-        raise InputError(f"image_resize must be one of {IMAGE_RESIZES}, got {resize!r}")
-    im = to_rgb(load_image(image))
-    if resize == "bicubic":
-        im = im.resize((size, size), resample=Image.Resampling.BICUBIC)
-        x = (np.asarray(im, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
-        x = (x - np.float32(0.5)) / np.float32(0.5)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-    # big_vision `resize`: tf.image.resize (bilinear, half-pixel centres = torch's align_corners=False),
-    # then clip and tf.cast back to uint8, which truncates; then `value_range(-1, 1)`: x/255·2 − 1 in fp32.
-    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)[None].float()      # (1, 3, h, w)
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                                        antialias=resize == "bilinear_antialias")
-    x = x.clamp(0, 255).trunc()[0]                                                           # (3, S, S) uint8 values
-    return -1.0 + (x / 255.0) * 2.0
-
-
-def load_sentencepiece(path: str):
-    """A SentencePiece model from its file, with one clear error for a missing or foreign file."""
-    import sentencepiece as spm
-
-    if not os.path.isfile(path):
-        raise InputError(f"Tokenizer file not found: {path}")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(path)
-    except (OSError, RuntimeError) as e:
-        raise InputError(f"{path} is not a SentencePiece model ({e})") from None
-    return sp
+from .formats.images import InputError, load_image, to_rgb
 
 
 class Processor:
     """Turns images and prompts into the tensors `PaliGemma.forward` takes, and ids back into text."""
+
+    separator: str = "joint"
+    """How the "\\n" ending the prefix is tokenized (docs/sequence.md#separator, docs/disagreements.md #4).
+    "joint" (default): transformers, sp.encode(prompt + "\\n").
+    "separate": big_vision, sp.encode(prompt) + sp.encode("\\n").
+    They differ only where SentencePiece merges the "\\n" into the prompt's tail, e.g. a prompt that already
+    ends in "\\n" with Gemma's "\\n\\n" piece."""
 
     image_resize: str = "bicubic"
     """How an image is squashed to S×S (docs/files.md#image-preprocessing, docs/disagreements.md #3).
@@ -127,12 +45,6 @@ class Processor:
     "bilinear_antialias": the same with antialias=True (big_vision's forkme config), via torch's antialiased
       bilinear (a triangle filter widened by the scale, as TF's); not compared bit for bit with TensorFlow.
     Colour conversion is transformers' in every mode (alpha over white; big_vision's decoder drops alpha)."""
-    separator: str = "joint"
-    """How the "\\n" ending the prefix is tokenized (docs/sequence.md#separator, docs/disagreements.md #4).
-    "joint" (default): transformers, sp.encode(prompt + "\\n").
-    "separate": big_vision, sp.encode(prompt) + sp.encode("\\n").
-    They differ only where SentencePiece merges the "\\n" into the prompt's tail, e.g. a prompt that already
-    ends in "\\n" with Gemma's "\\n\\n" piece."""
 
     allow_text_only: bool = False
     """Whether a row may have no image. The released models were never trained that way, so by default
@@ -160,6 +72,73 @@ class Processor:
                         cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, **switches)
         processor.check_fits(cfg.text.vocab_size, tokenizer_path)
         return processor
+
+    def prefix_ids(self, prompt: str, num_images: int = 1) -> list[int]:
+        """The prefix: an <image> block per image, BOS, then the prompt and the "\\n" that ends it
+        (docs/sequence.md#separator). Every prefix token sees every other one."""
+        if self.separator == "joint":
+            text = self.sp.encode(prompt + "\n")
+        else:
+            text = self.sp.encode(prompt) + self.sp.encode("\n")
+        return [self.image_token_id] * (self.num_image_tokens * num_images) + [self.bos_id] + text
+
+    def suffix_ids(self, suffix: str) -> list[int]:
+        """The suffix: no BOS, no dummy-prefix space, not glued to the "\\n", then EOS
+        (docs/sequence.md#token-layout: "beach" → 54901). Each suffix token sees the prefix and those before it."""
+        return self.sp.encode(suffix) + [self.eos_id]
+
+    def __call__(self, images: Sequence, prompts: Sequence[str], suffixes: Sequence[str] | None = None,
+                 max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """images: one image (path or PIL) per prompt, or a list of images per prompt (several images,
+        or video frames: their <image> blocks follow one another before BOS, as transformers lays out
+        repeated <image> tokens; they all belong to the one bidirectional prefix)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not prompts:
+            raise InputError("Got no prompts: pass at least one image and one prompt")
+        if len(images) != len(prompts):
+            raise InputError(f"Got {len(images)} images (or image lists) for {len(prompts)} prompts")
+        if suffixes is not None and len(suffixes) != len(prompts):
+            raise InputError(f"Got {len(suffixes)} suffixes for {len(prompts)} prompts")
+        rows, types, pixels = [], [], []
+        for i, (imgs, prompt) in enumerate(zip(images, prompts)):
+            imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+            if not imgs and not self.allow_text_only:
+                raise InputError(f"Prompt {i} has no image; PaliGemma answers about images (set "
+                                 "processor.allow_text_only = True to run the decoder on text alone)")
+            if not isinstance(prompt, str):
+                raise InputError(f"Prompt {i} is a {type(prompt).__name__}, expected a string")
+            pixels += [preprocess_image(im, self.image_size, self.image_resize) for im in imgs]
+            ids = self.prefix_ids(prompt, len(imgs))
+            suffix = self.suffix_ids(suffixes[i]) if suffixes is not None else []
+            if max_length is not None and len(ids) + len(suffix) > max_length:
+                raise InputError(f"Prompt {i} is {len(ids) + len(suffix)} tokens ({len(imgs)} image(s) × "
+                                 f"{self.num_image_tokens} + text); the limit is {max_length}")
+            rows.append(ids + suffix)
+            types.append([0] * len(ids) + [1] * len(suffix))
+        T = max(len(r) for r in rows)
+        pad = [T - len(r) for r in rows]
+        return {
+            "input_ids": torch.tensor([[self.pad_id] * p + r for p, r in zip(pad, rows)]),
+            "attention_mask": torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pad, rows)]),
+            "token_type_ids": torch.tensor([[0] * p + t for p, t in zip(pad, types)]),
+            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, self.image_size, self.image_size),
+        }
+
+    def decode(self, ids) -> str:
+        """Text of generated ids, dropping <pad>/<bos>/<eos>/<image> (keeps <loc>/<seg>, as transformers).
+
+        Ids past the tokenizer (`<image>` and the 64 padding rows of the 257216-row embedding,
+        docs/variants.md#vocabulary-size) have no text and are dropped too; a sampled answer can contain
+        them."""
+        special = (self.pad_id, self.bos_id, self.eos_id, self.image_token_id)
+        n = self.sp.get_piece_size()
+        ids = [int(i) for i in ids if int(i) not in special and 0 <= int(i) < n]
+        return self.sp.decode(ids)
+
+    # ---- the vocabulary: a tokenizer that fits the model, and the ids of <loc> / <seg> ----
 
     def check_fits(self, vocab_size: int, name: str) -> None:
         """A tokenizer of another model loads fine and answers in the wrong words: refuse one whose pieces
@@ -196,64 +175,41 @@ class Processor:
     def seg_token_id(self, k: int) -> int:
         return self.seg0 + k
 
-    def prompt_ids(self, prompt: str, num_images: int = 1) -> list[int]:
-        if self.separator == "joint":
-            text = self.sp.encode(prompt + "\n")
-        else:
-            text = self.sp.encode(prompt) + self.sp.encode("\n")
-        return [self.image_token_id] * (self.num_image_tokens * num_images) + [self.bos_id] + text
 
-    def suffix_ids(self, suffix: str) -> list[int]:
-        """No BOS, no dummy-prefix space, not glued to the "\\n" (docs/sequence.md#token-layout: "beach" → 54901)."""
-        return self.sp.encode(suffix) + [self.eos_id]
+# ---- images and the tokenizer file ----
 
-    def __call__(self, images: Sequence, prompts: Sequence[str], suffixes: Sequence[str] | None = None,
-                 max_length: int | None = None) -> dict[str, torch.Tensor]:
-        """images: one image (path or PIL) per prompt, or a list of images per prompt (several images,
-        or video frames: their <image> blocks follow one another before BOS, as transformers lays out
-        repeated <image> tokens; they all belong to the one bidirectional prefix)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if not prompts:
-            raise InputError("Got no prompts: pass at least one image and one prompt")
-        if len(images) != len(prompts):
-            raise InputError(f"Got {len(images)} images (or image lists) for {len(prompts)} prompts")
-        if suffixes is not None and len(suffixes) != len(prompts):
-            raise InputError(f"Got {len(suffixes)} suffixes for {len(prompts)} prompts")
-        rows, types, pixels = [], [], []
-        for i, (imgs, prompt) in enumerate(zip(images, prompts)):
-            imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
-            if not imgs and not self.allow_text_only:
-                raise InputError(f"Prompt {i} has no image; PaliGemma answers about images (set "
-                                 "processor.allow_text_only = True to run the decoder on text alone)")
-            if not isinstance(prompt, str):
-                raise InputError(f"Prompt {i} is a {type(prompt).__name__}, expected a string")
-            pixels += [preprocess_image(im, self.image_size, self.image_resize) for im in imgs]
-            ids = self.prompt_ids(prompt, len(imgs))
-            suffix = self.suffix_ids(suffixes[i]) if suffixes is not None else []
-            if max_length is not None and len(ids) + len(suffix) > max_length:
-                raise InputError(f"Prompt {i} is {len(ids) + len(suffix)} tokens ({len(imgs)} image(s) × "
-                                 f"{self.num_image_tokens} + text); the limit is {max_length}")
-            rows.append(ids + suffix)
-            types.append([0] * len(ids) + [1] * len(suffix))
-        T = max(len(r) for r in rows)
-        pad = [T - len(r) for r in rows]
-        return {
-            "input_ids": torch.tensor([[self.pad_id] * p + r for p, r in zip(pad, rows)]),
-            "attention_mask": torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pad, rows)]),
-            "token_type_ids": torch.tensor([[0] * p + t for p, t in zip(pad, types)]),
-            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, self.image_size, self.image_size),
-        }
+IMAGE_RESIZES = ("bicubic", "bilinear", "bilinear_antialias")  # see Processor.image_resize
 
-    def decode(self, ids) -> str:
-        """Text of generated ids, dropping <pad>/<bos>/<eos>/<image> (keeps <loc>/<seg>, as transformers).
 
-        Ids past the tokenizer (`<image>` and the 64 padding rows of the 257216-row embedding,
-        docs/variants.md#vocabulary-size) have no text and are dropped too; a sampled answer can contain
-        them."""
-        special = (self.pad_id, self.bos_id, self.eos_id, self.image_token_id)
-        n = self.sp.get_piece_size()
-        ids = [int(i) for i in ids if int(i) not in special and 0 <= int(i) < n]
-        return self.sp.decode(ids)
+def preprocess_image(image, size: int, resize: str = "bicubic") -> torch.Tensor:
+    """(3, size, size) float32 in [-1, 1]. resize "bicubic": bit-identical to transformers' PIL backend;
+    "bilinear" / "bilinear_antialias": big_vision's pp ops (see `Processor.image_resize`)."""
+    if resize not in IMAGE_RESIZES:
+        raise InputError(f"image_resize must be one of {IMAGE_RESIZES}, got {resize!r}")
+    im = to_rgb(load_image(image))
+    if resize == "bicubic":
+        im = im.resize((size, size), resample=Image.Resampling.BICUBIC)
+        x = (np.asarray(im, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
+        x = (x - np.float32(0.5)) / np.float32(0.5)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    # big_vision `resize`: tf.image.resize (bilinear, half-pixel centres = torch's align_corners=False),
+    # then clip and tf.cast back to uint8, which truncates; then `value_range(-1, 1)`: x/255·2 − 1 in fp32.
+    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)[None].float()      # (1, 3, h, w)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                        antialias=resize == "bilinear_antialias")
+    x = x.clamp(0, 255).trunc()[0]                                                           # (3, S, S) uint8 values
+    return -1.0 + (x / 255.0) * 2.0
+
+
+def load_sentencepiece(path: str):
+    """A SentencePiece model from its file, with one clear error for a missing or foreign file."""
+    import sentencepiece as spm
+
+    if not os.path.isfile(path):
+        raise InputError(f"Tokenizer file not found: {path}")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except (OSError, RuntimeError) as e:
+        raise InputError(f"{path} is not a SentencePiece model ({e})") from None
+    return sp

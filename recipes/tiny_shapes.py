@@ -1,5 +1,5 @@
 # The tiny PaliGemma 2 bundled in nanopali/assets/tiny-shapes, stage 1: the decoder learns the four
-# prompts of nanopali/shapes.py; the image encoder and projector come from stage 0 and stay frozen.
+# prompts of nanopali/shapes/task.py; the image encoder and projector come from stage 0 and stay frozen.
 #   python -m nanopali.shapes runs/tiny-shapes/data       # data, tokenizer, stage 0 (~1 min on 2 CPU cores)
 #   python train.py recipes/tiny_shapes.py                # this stage (~27 min on 2 CPU cores)
 #   python sample.py --checkpoint runs/tiny-shapes     # the result (the shipped copy stays as it is)

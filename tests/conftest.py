@@ -51,7 +51,7 @@ REAL_WIDTHS = ("pg1-real-widths", "pg2-real-widths")
 # The tests whose numbers depend on which kernels the CPU runs (parity, cached == uncached, the quantized
 # paths, training steps, the notebooks' printed results, the choices made per CPU). CI runs them a second
 # time as a laptop without AVX-512 or native bf16: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-# pytest -m numerics` (README, "Tests").
+# pytest -m numerics` (docs/tests.md#the-avx2-pass).
 NUMERICS = {"test_parity_transformers.py", "test_generation.py", "test_quantization.py", "test_qlora.py",
             "test_notebooks.py", "test_reference_switches.py", "test_multi_image.py", "test_cpu_choices.py",
             "test_finetune_loss.py", "test_bundled_model.py", "test_bigvision_npz.py"}

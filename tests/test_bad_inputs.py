@@ -359,9 +359,9 @@ def test_decompression_bomb_file_is_refused_with_the_limit_named(processor, tmp_
 
 
 def test_large_in_memory_image_is_refused_with_the_limit_named(processor, monkeypatch):
-    import nanopali.processing
+    import nanopali.formats.images
 
-    monkeypatch.setattr(nanopali.processing, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(nanopali.formats.images, "MAX_IMAGE_PIXELS", 1000)
     _raises(nanopali.InputError, "1,000", processor, images=[Image.new("RGB", (40, 40))], prompts=["caption en"])
 
 

@@ -184,7 +184,7 @@ def converted(tmp_path_factory, hf_checkpoint):
 
 def _npz_variant(hf_dir):
     """The HF directory's config with big_vision's embedding rows (no 64-row padding)."""
-    from nanopali.formats.hf import read_paligemma_config as read_config
+    from nanopali.formats.hf_config import read_paligemma_config as read_config
 
     cfg = read_config(hf_dir)
     return replace(cfg, text=replace(cfg.text, vocab_size=SP_VOCAB_SIZE))

@@ -1,7 +1,7 @@
 """The tiny model shipped in nanopali/assets/tiny-shapes really works, and its recipe really trains.
 
 Accuracy is measured on scenes generated fresh for this test (seeds the training data never used);
-the thresholds sit below what the shipped model scores (README, recipes/tiny_shapes.py) and far above
+the thresholds sit below what the shipped model scores (docs/bundled-model.md, recipes/tiny_shapes.py) and far above
 what the same architecture scores untrained, which is checked too.
 """
 import json
@@ -20,11 +20,11 @@ from nanopali.model import PaliGemma
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "tiny_shapes.py")
-# Held-out scenes of this test: away from the training seeds (0..) and from the README's measurement.
+# Held-out scenes of this test: away from the training seeds (0..) and from docs/bundled-model.md's measurement.
 TEST_SEED = shapes.HELD_OUT_SEED + 500_000
 NUM_SCENES = 60
 # Measured on these 60 scenes: caption 0.92, count 0.92, VQA 1.0, detection IoU 0.91 (0.91 / 0.93 / 1.0 /
-# 0.93 on the README's 300).
+# 0.93 on docs/bundled-model.md's 300).
 THRESHOLDS = {"caption_exact_match": 0.80, "count_accuracy": 0.80, "vqa_accuracy": 0.90,
               "detection_mean_iou": 0.80}
 # The recipe at smoke-test scale (below), as recorded on an AMD EPYC (torch 2.13 CPU, 2 threads): stage 0's
@@ -58,7 +58,7 @@ def test_bundled_model_is_paligemma2_style_with_soft_caps_and_a_window_that_bite
     assert cfg.text.num_kv_heads < cfg.text.num_heads                                  # GQA
     # the shortest detection sequence (one kind asked, one box + label + EOS) is longer than the
     # window, so the sliding layers of every detection answer really drop keys
-    prompt = processor.prompt_ids(shapes.detect_prompt(("circle",)), 1)
+    prompt = processor.prefix_ids(shapes.detect_prompt(("circle",)), 1)
     answer = processor.suffix_ids("<loc0000><loc0000><loc0100><loc0100> circle")
     assert "sliding_attention" in cfg.text.layer_types and cfg.text.sliding_window < len(prompt) + len(answer) - 1
 

@@ -3,6 +3,8 @@
 Comments, docstrings, the README and the notebooks cite facts as `docs/<page>.md#<anchor>`; the docs pages
 link to each other as `(<page>.md#<anchor>)`. Each cited page must exist and each anchor must be the
 GitHub slug of one of its headings. No file may point at a fact document that is not in the repository.
+The README is the front page: every docs page can be reached from it by links, every relative link in it
+and in the docs resolves, and its file map's line counts stay near the files' own.
 """
 import os
 import re
@@ -31,10 +33,10 @@ def slug(heading):
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def anchors(page):
-    """The anchors of a docs page's headings (outside code fences), duplicates numbered as GitHub does."""
+def anchors(page, folder=DOCS):
+    """The anchors of a page's headings (outside code fences), duplicates numbered as GitHub does."""
     seen, fenced = {}, False
-    with open(os.path.join(DOCS, page), encoding="utf-8") as f:
+    with open(os.path.join(folder, page), encoding="utf-8") as f:
         for line in f:
             if line.startswith("```"):
                 fenced = not fenced
@@ -79,3 +81,81 @@ def test_no_file_points_at_a_fact_document_outside_the_repository():
             number = text.count("\n", 0, m.start()) + 1
             offenders.append(f"{os.path.relpath(path, ROOT)}:{number}: {m.group(0)!r}")
     assert not offenders, "pointers that do not resolve in a clone:\n" + "\n".join(offenders)
+
+
+README = os.path.join(ROOT, "README.md")
+LINK = re.compile(r"\]\(([^)\s]+)\)|<img src=\"([^\"]+)\"")
+
+
+def relative_links(path):
+    """(target path or None for the page itself, anchor or None) of every relative link in a Markdown file."""
+    with open(path, encoding="utf-8") as f:
+        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)   # code blocks hold no links
+    out = []
+    for a, b in LINK.findall(text):
+        link = a or b
+        if re.match(r"[a-z]+:", link):
+            continue
+        target, _, anchor = link.partition("#")
+        out.append((os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path, anchor or None))
+    return out
+
+
+def front_page_and_docs():
+    return [README] + sorted(os.path.join(DOCS, p) for p in os.listdir(DOCS) if p.endswith(".md"))
+
+
+@pytest.mark.parametrize("path", front_page_and_docs(), ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_relative_link_of_the_readme_and_the_docs_resolves_anchors_included(path):
+    bad = []
+    for target, anchor in relative_links(path):
+        if not os.path.exists(target):
+            bad.append(f"{os.path.relpath(target, ROOT)} does not exist")
+        elif anchor and target.endswith(".md") and anchor not in anchors(os.path.basename(target),
+                                                                          os.path.dirname(target)):
+            bad.append(f"{os.path.relpath(target, ROOT)}#{anchor}: no heading has that anchor")
+    assert not bad, f"{os.path.relpath(path, ROOT)}:\n" + "\n".join(bad)
+
+
+def test_every_docs_page_is_reached_from_the_readme_through_links():
+    reached, todo = set(), [README]
+    while todo:
+        page = todo.pop()
+        for target, _ in relative_links(page):
+            if target.endswith(".md") and os.path.isfile(target) and target not in reached:
+                reached.add(target)
+                todo.append(target)
+    pages = {os.path.join(DOCS, p) for p in os.listdir(DOCS) if p.endswith(".md")}
+    assert not pages - reached, "docs pages no link from the README leads to: " + \
+        ", ".join(sorted(os.path.relpath(p, ROOT) for p in pages - reached))
+
+
+def python_lines(path):
+    files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".py")] if os.path.isdir(path) else [path]
+    return sum(sum(1 for _ in open(f, encoding="utf-8")) for f in files)
+
+
+def file_map():
+    """{path: lines stated} from the README's tables whose second column is a line count."""
+    stated = {}
+    with open(README, encoding="utf-8") as f:
+        for name, lines in re.findall(r"^\| `([\w./]+)` \| (\d+) \|", f.read(), flags=re.M):
+            inside = os.path.join(ROOT, "nanopali", name.rstrip("/"))
+            stated[inside if os.path.exists(inside) else os.path.join(ROOT, name)] = int(lines)
+    return stated
+
+
+def test_the_readme_file_map_lists_every_paper_file_folder_and_script_with_its_size_near_the_truth():
+    stated = file_map()
+    package = os.path.join(ROOT, "nanopali")
+    expected = {os.path.join(package, f) for f in os.listdir(package) if f.endswith(".py") and f != "__init__.py"}
+    expected |= {os.path.join(package, d) for d in os.listdir(package)
+                 if os.path.isfile(os.path.join(package, d, "__init__.py"))}
+    expected |= {os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py") and f != "setup.py"}
+    missing = sorted(os.path.relpath(p, ROOT) for p in expected - set(stated))
+    gone = sorted(os.path.relpath(p, ROOT) for p in set(stated) if not os.path.exists(p))
+    assert not missing and not gone, f"not in the README's file map: {missing}; listed but absent: {gone}"
+    # Loose on purpose: code is edited every day; a count more than 20 % (and 15 lines) off is stale.
+    stale = {os.path.relpath(p, ROOT): (n, python_lines(p)) for p, n in stated.items()
+             if abs(python_lines(p) - n) > max(15, 0.2 * python_lines(p))}
+    assert not stale, "README file map line counts to update, {path: (stated, actual)}: " + repr(stale)

@@ -124,7 +124,7 @@ def test_in_memory_examples_take_pil_images_and_are_reported_by_index(processor)
     rows = records()
     ds = load_examples(rows, processor)
     assert len(ds) == 6
-    assert ds.examples[5].num_tokens == 2 * 4 + len(processor.prompt_ids("answer en which colors?", 0)) + \
+    assert ds.examples[5].num_tokens == 2 * 4 + len(processor.prefix_ids("answer en which colors?", 0)) + \
         ds.examples[5].num_targets
     rows[2] = {"image": rows[2]["image"], "suffix": "x"}
     with pytest.raises(DataError, match=r"examples\[2\]: missing key\(s\) 'prefix'"):

@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 from nanopali import kernels  # noqa: E402
 from nanopali.kernels.flash import key_tiles, query_tiles, row_mask, flash_forward  # noqa: E402
 from nanopali.kernels.decode import decode_forward  # noqa: E402
-from nanopali.attention import attention, reference_attention, resolve_impl  # noqa: E402
+from nanopali.attention import attention, choose, reference_attention  # noqa: E402
 from nanopali.masking import PrefixLMMask  # noqa: E402
 from tolerance import assert_rounding_close, paligemma_terms
 
@@ -30,13 +30,13 @@ if not kernels.INTERPRETED:
                 "imported it first); run this file on its own", allow_module_level=True)
 
 
-def run_both(start, prefix_end, *, N=1, K=1, T=33, S=None, H=16, q_start=0, softcap=None, window=None,
+def run_both(start, prefix_end, *, N=1, K=1, T=33, S=None, H=16, slot=0, softcap=None, window=None,
              dtype=torch.float32, logit_gain=1.0, decode_splits=None, seed=0):
     """Kernel and reference on the same random inputs: (out, grads), (ref_out, ref_grads), fp32 reference.
 
     The reference runs in fp32 on the same (rounded) inputs, so low-precision cases measure the kernel's
     own error. logit_gain scales q so that logits reach the soft-cap's saturated range."""
-    S = q_start + T if S is None else S
+    S = slot + T if S is None else S
     start, prefix_end = torch.tensor(start), torch.tensor(prefix_end)
     B = start.shape[0]
     g = torch.Generator().manual_seed(seed)
@@ -47,12 +47,12 @@ def run_both(start, prefix_end, *, N=1, K=1, T=33, S=None, H=16, q_start=0, soft
     scale = H ** -0.5
     if decode_splits is None:
         o = kernels.flash_attention(q, k, v, start, prefix_end, scale=scale, softcap=softcap, window=window,
-                                    q_start=q_start)
+                                    slot=slot)
     else:
         o = kernels.flash_decode(q, k, v, start, prefix_end, scale=scale, softcap=softcap, window=window,
-                                 q_start=q_start, num_splits=decode_splits)
+                                 slot=slot, num_splits=decode_splits)
     grads = torch.autograd.grad(o, (q, k, v), do)
-    allowed = PrefixLMMask(start, prefix_end, S).allowed(q_start, T, S, window)
+    allowed = PrefixLMMask(start, prefix_end, S).allowed(slot, T, S, window)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref = reference_attention(q32, k32, v32, allowed, scale, softcap)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
@@ -74,20 +74,20 @@ def assert_matches_reference(*args, rtol=None, **kw):
 
 
 @triton.jit
-def _tile_ranges_kernel(KEY_RANGES, QUERY_RANGES, START, PREFIX_END, window, q_start, T, S,
+def _tile_ranges_kernel(KEY_RANGES, QUERY_RANGES, START, PREFIX_END, window, slot, T, S,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Stores the kernels' tile ranges: per query tile its key ranges, per key tile its query ranges."""
     tile, b = tl.program_id(0), tl.program_id(1)              # grid (max(#query tiles, #key tiles), B)
     start, pe = row_mask(START, PREFIX_END, b)
     if tile * BLOCK_M < T:
-        i_lo = q_start + tile * BLOCK_M
-        r0, r1, r2, r3 = key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, q_start + T) - 1, start, pe, window, S,
+        i_lo = slot + tile * BLOCK_M
+        r0, r1, r2, r3 = key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, slot + T) - 1, start, pe, window, S,
                                     BLOCK_N)
         out = KEY_RANGES + (b * tl.cdiv(T, BLOCK_M) + tile) * 4
         tl.store(out, r0), tl.store(out + 1, r1), tl.store(out + 2, r2), tl.store(out + 3, r3)
     if tile * BLOCK_N < S:
         j_lo = tile * BLOCK_N
-        r0, r1, r2, r3 = query_tiles(j_lo, tl.minimum(j_lo + BLOCK_N, S) - 1, start, pe, window, q_start, T,
+        r0, r1, r2, r3 = query_tiles(j_lo, tl.minimum(j_lo + BLOCK_N, S) - 1, start, pe, window, slot, T,
                                       BLOCK_M)
         out = QUERY_RANGES + (b * tl.cdiv(S, BLOCK_N) + tile) * 4
         tl.store(out, r0), tl.store(out + 1, r1), tl.store(out + 2, r2), tl.store(out + 3, r3)
@@ -105,17 +105,17 @@ def test_tiles_are_skipped_only_when_fully_masked_and_unmasked_only_when_fully_v
     # rows: causal after 5 pads; full; prefix + suffix; the same after 9 pads; full after 3 pads; 21 pads
     start = torch.tensor([5, 0, 0, 9, 3, 21])
     prefix_end = torch.tensor([5, 23, 13, 17, 23, 23])
-    for q_start, T, S in ((0, 23, 23), (10, 6, 23), (20, 1, 23)):  # training/prefill, chunked prefill, decode
+    for slot, T, S in ((0, 23, 23), (10, 6, 23), (20, 1, 23)):  # training/prefill, chunked prefill, decode
         B, n_q, n_k = start.shape[0], -(-T // BM), -(-S // BN)
         key_ranges = torch.zeros(B, n_q, 4, dtype=torch.int64)
         query_ranges = torch.zeros(B, n_k, 4, dtype=torch.int64)
         _tile_ranges_kernel[(max(n_q, n_k), B)](key_ranges, query_ranges, start, prefix_end,
-                                                T + q_start if window is None else window, q_start, T, S, BM, BN)
-        allowed = PrefixLMMask(start, prefix_end, S).allowed(q_start, T, S, window)[:, 0]   # (B, T, S)
+                                                T + slot if window is None else window, slot, T, S, BM, BN)
+        allowed = PrefixLMMask(start, prefix_end, S).allowed(slot, T, S, window)[:, 0]   # (B, T, S)
         for b in range(B):
             pe = prefix_end[b].item()
             for m in range(n_q):
-                i_lo, i_hi = q_start + m * BM, q_start + min((m + 1) * BM, T) - 1
+                i_lo, i_hi = slot + m * BM, slot + min((m + 1) * BM, T) - 1
                 for n in range(n_k):
                     j_lo, j_hi = n * BN, min((n + 1) * BN, S) - 1
                     tile = allowed[b, m * BM:(m + 1) * BM, n * BN:(n + 1) * BN]
@@ -178,12 +178,12 @@ def test_head_dim_256_matches_reference():
 def test_decode_of_one_query_against_a_longer_cache_takes_the_split_kernel_and_matches_reference():
     # query at index 30 of a 40-slot cache: slots 31..39 hold garbage and must be ignored
     with mock.patch.object(kernels, "decode_forward", wraps=decode_forward) as split_kernel:
-        assert_matches_reference((3, 0), (20, 25), T=1, q_start=30, S=40, N=2, K=1, softcap=50.0)
+        assert_matches_reference((3, 0), (20, 25), T=1, slot=30, S=40, N=2, K=1, softcap=50.0)
     split_kernel.assert_called_once()
 
 
 def test_decode_of_a_few_queries_split_into_key_chunks_matches_reference():
-    assert_matches_reference((3, 0), (20, 25), T=3, q_start=28, S=40, N=2, K=1, softcap=50.0, window=7,
+    assert_matches_reference((3, 0), (20, 25), T=3, slot=28, S=40, N=2, K=1, softcap=50.0, window=7,
                              decode_splits=3)
 
 
@@ -211,7 +211,7 @@ def test_low_precision_inputs_stay_within_one_percent_of_fp32_reference(dtype):
 def test_auto_dispatch_does_not_pick_triton_on_cpu():
     # even with the interpreter on (kernels.is_supported("cpu") is True here): it is for tests, not speed
     for softcap in (None, 50.0):
-        assert resolve_impl("auto", torch.device("cpu"), softcap) in ("reference", "sdpa")
+        assert choose("auto", torch.device("cpu"), torch.bfloat16, 16, 1, softcap) in ("reference", "sdpa")
 
 
 def test_attention_with_impl_triton_equals_reference_path():
@@ -227,7 +227,7 @@ def test_attention_with_impl_triton_equals_reference_path():
 def test_queries_without_their_own_keys_are_refused_with_a_clear_error():
     q, k = torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 10, 16)
     with pytest.raises(ValueError, match="indices 8..11 need their own keys"):
-        kernels.flash_attention(q, k, k, torch.tensor([0]), torch.tensor([0]), scale=1.0, q_start=8)
+        kernels.flash_attention(q, k, k, torch.tensor([0]), torch.tensor([0]), scale=1.0, slot=8)
 
 
 @pytest.mark.parametrize("name", ["pg1", "pg2"])

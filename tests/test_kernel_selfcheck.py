@@ -17,6 +17,7 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 
 import nanopali.attention as dispatch  # noqa: E402
 from nanopali import kernels  # noqa: E402
+from nanopali.kernels import dispatch as kernel_policy  # noqa: E402
 from nanopali.kernels import selfcheck  # noqa: E402
 from nanopali.masking import PrefixLMMask  # noqa: E402
 
@@ -28,10 +29,8 @@ REAL_KERNEL = kernels.flash_attention
 
 @pytest.fixture(autouse=True)
 def auto_picks_the_kernel(monkeypatch):
-    """"auto" resolves to the kernel as on a CUDA machine; every test starts with no verdict."""
-    resolve = dispatch.resolve_impl
-    monkeypatch.setattr(dispatch, "resolve_impl", lambda impl, device, softcap: "triton" if impl == "auto"
-                        and os.environ.get(selfcheck.ENV) != "off" else resolve(impl, device, softcap))
+    """"auto" considers the kernel on this device as on a CUDA machine; every test starts with no verdict."""
+    monkeypatch.setattr(dispatch, "FUSED_DEVICES", ("cuda", DEVICE.type))
     monkeypatch.delenv(selfcheck.ENV, raising=False)
     selfcheck.VERDICTS.clear()
     yield
@@ -139,12 +138,14 @@ def test_forcing_on_skips_the_check_and_forcing_off_never_runs_the_kernel(monkey
 
 
 def test_forcing_off_keeps_auto_off_the_kernel_on_cuda(monkeypatch):
-    monkeypatch.undo()                      # the real resolve_impl, as on a CUDA machine with triton
-    monkeypatch.setattr(dispatch, "_triton_available", lambda device: True)
-    assert dispatch.resolve_impl("auto", torch.device("cuda"), None) == "triton"
+    monkeypatch.undo()                      # the real choice, as on a CUDA machine with triton
+    monkeypatch.setattr(kernel_policy, "is_supported", lambda device: True)
+    monkeypatch.setattr(kernel_policy, "passes", lambda *a: True)   # a kernel that passed its self-check
+    cuda = torch.device("cuda")
+    assert dispatch.choose("auto", cuda, torch.bfloat16, 16, 2, None) == "triton"
     monkeypatch.setenv(selfcheck.ENV, "off")
-    assert dispatch.resolve_impl("auto", torch.device("cuda"), None) == "sdpa"
-    assert dispatch.resolve_impl("auto", torch.device("cuda"), 50.0) == "reference"
+    assert dispatch.choose("auto", cuda, torch.bfloat16, 16, 2, None) == "sdpa"
+    assert dispatch.choose("auto", cuda, torch.bfloat16, 16, 2, 50.0) == "reference"
 
 
 def test_an_unknown_forcing_value_is_refused_by_name(monkeypatch):

@@ -1,12 +1,8 @@
-"""The package's layout, as a reader relies on it: no import cycles, inference imports only inference,
-and the paths of modules that moved into folders still import (with a warning naming the new path)."""
+"""The package's layout, as a reader relies on it: no import cycles, and inference imports only inference."""
 import ast
 import os
 import subprocess
 import sys
-import warnings
-
-import pytest
 
 import nanopali
 
@@ -82,15 +78,3 @@ def test_inference_imports_nothing_from_the_extras():
               ("siglip", "train", "shapes", "tasks", "kernels", "quant")]
     assert extras == [] and "nanopali.formats.bigvision" not in loaded, loaded
 
-
-@pytest.mark.parametrize("old,new", [("nanopali.checkpoint", "nanopali.formats.hf"),
-                                     ("nanopali.lora", "nanopali.train.lora"),
-                                     ("nanopali.segmentation", "nanopali.tasks.segmentation"),
-                                     ("nanopali.siglip_checkpoint", "nanopali.siglip.checkpoint")])
-def test_a_module_that_moved_imports_from_its_old_path_with_a_warning_naming_the_new_one(old, new):
-    sys.modules.pop(old, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = __import__(old, fromlist=["_"])
-    assert module.__name__ == new and module.__spec__.name == new
-    assert any(new in str(w.message) and issubclass(w.category, DeprecationWarning) for w in caught)

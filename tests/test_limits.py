@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import nanopali
-from nanopali.config import from_hf_config
+from nanopali.formats.hf_config import from_hf_config
 from nanopali.formats.files import CheckpointError
 from nanopali.generate import generate, generate_ids
 from nanopali.processing import load_image

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import nanopali
 from hf_reference import IMAGE_TOKEN_ID, read_weights
 from nanopali.formats.hf import hub_names
-from nanopali.config import from_hf_config
+from nanopali.formats.hf_config import from_hf_config
 
 PRESET_NAMES = [f"{m}-{r}" for m in ("pg1-3b", "pg2-3b", "pg2-10b", "pg2-28b") for r in (224, 448, 896)]
 

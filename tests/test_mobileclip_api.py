@@ -270,3 +270,21 @@ def test_preprocessing_values_that_cannot_normalise_an_image_are_refused_at_load
     cfg["preprocess_cfg"][field] = value
     e = _raises(CheckpointError, "preprocess_cfg", config_from_open_clip, cfg, "open_clip_config.json")
     assert "open_clip_config.json" in str(e) and repr(value) in str(e)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_causal_text_tower_pools_a_feature_no_later_token_can_change(causal):
+    """MobileCLIP2-B keeps CLIP's causal mask, so the feature pooled at EOT cannot read the pads after it;
+    S0–S4 and L-14 attend both ways, and there it does. Masked keys add exact zeros to the softmax, while
+    a key that leaks moves the feature by ~0.1 with these weights: 1e-6 separates the two."""
+    from nanopali.mobileclip.text import TextConfig, TextTransformer
+    torch.manual_seed(0)
+    tower = TextTransformer(TextConfig(vocab_size=50, context_length=8, width=16, num_heads=2, depth=2,
+                                       causal=causal, embed_dim=8))
+    for p in tower.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ids = torch.tensor([[48, 5, 6, 49, 0, 0, 0, 0]])   # [SOT] a b [EOT] pads (EOT is the largest id)
+    later = ids.clone()
+    later[0, 4:] = 7
+    moved = (tower(ids) - tower(later)).abs().max().item()
+    assert moved < 1e-6 if causal else moved > 1e-3

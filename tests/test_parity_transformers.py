@@ -99,7 +99,7 @@ def test_parity_cases_cover_two_position_tables(model_pair):
 
 
 def test_parity_cases_cover_the_released_widths(hf_checkpoint):
-    from nanopali.formats.hf import read_paligemma_config as read_config
+    from nanopali.formats.hf_config import read_paligemma_config as read_config
 
     cfg = read_config(hf_checkpoint("pg2-real-widths"))
     assert (cfg.vision.width, cfg.vision.mlp_dim, cfg.vision.num_heads) == (1152, 4304, 16)

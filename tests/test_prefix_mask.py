@@ -173,3 +173,12 @@ def test_model_rejects_a_right_padded_batch(model_pair, test_images):
     right_padded = dict(batch, attention_mask=batch["attention_mask"].flip(1))
     with pytest.raises(ValueError, match="attention_mask"):
         pair.model(**right_padded)
+
+
+def test_a_decode_step_reads_the_rows_of_the_whole_mask_at_its_slot(mask):
+    # one mask rule for every slot: the step's slot as a 0-d tensor (as a compiled step has it) selects
+    # the same rows of the whole mask as the integer index does, with and without a window
+    for window in (None, 2):
+        whole = mask.allowed(window=window)                                          # (B, 1, T, T)
+        for slot in range(7):
+            assert torch.equal(mask.allowed(torch.tensor(slot), 1, 7, window), whole[:, :, slot:slot + 1])

@@ -11,7 +11,7 @@ import torch.nn as nn
 import nanopali
 from nanopali.formats.hf import load_paligemma_model
 from nanopali import shapes
-from nanopali.quant import QuantizedLinear, modules
+from nanopali.quant import QuantizedLinear, cpu_int4, modules
 from nanopali.quant.modules import QuantizedWeight
 from nanopali.train import finetune, qlora
 from nanopali.train.data import DataOrder, collate, load_examples
@@ -127,7 +127,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(bundled):
 
 
 @pytest.mark.parametrize("rows,packed", [(96, False), pytest.param(128, True, marks=pytest.mark.skipif(
-    not modules.cpu_layout_known(), reason="this torch build's CPU int4 layout is not the known one"))],
+    not cpu_int4.layout_known(), reason="this torch build's CPU int4 layout is not the known one"))],
     ids=["portable-nibbles", "cpu-packed"])
 def test_backward_keeps_no_float_weight_and_dequantizes_a_chunk_at_a_time(monkeypatch, rows, packed):
     """x · Wᵀ through a QuantizedLinear: autograd saves nothing of W's size (dense autograd on the

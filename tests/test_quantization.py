@@ -1,6 +1,7 @@
 """Weight-only int8 / int4 quantization (nanopali.quant): the math against hand-computed cases, torch's
 packed kernels against the plain dequantize-then-matmul reference, the error bounds, the drop-in modules,
 and the bundled tiny model quantized end to end (logits, greedy answers, held-out accuracy)."""
+import copy
 import logging
 
 import pytest
@@ -11,7 +12,7 @@ import nanopali
 from nanopali.gemma import TiedEmbedding
 from nanopali.quant import (QuantizedEmbedding, QuantizedLinear, dequantize_int4, dequantize_int8, quantize_int4,
                             quantize_int8, quantize_linear_weight, quantize_model)
-from nanopali.quant import modules, weight_only
+from nanopali.quant import cpu_int4, modules, weight_only
 from tolerance import assert_rounding_close
 
 TINY = "nanopali/assets/tiny-shapes"
@@ -280,39 +281,47 @@ def test_train_py_refuses_to_fine_tune_a_quantized_checkpoint(tmp_path):
     assert r.returncode != 0 and "quantized as int8" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(not modules.cpu_layout_known(), reason="this torch build's CPU int4 layout is not the known one")
+@pytest.mark.skipif(not cpu_int4.layout_known(), reason="this torch build's CPU int4 layout is not the known one")
 def test_int4_layers_keep_only_the_kernels_copy_once_decoding_and_still_save_the_portable_one():
-    """On a CPU whose packed int4 layout is known, the first decode step packs each layer and drops
-    its portable nibbles (half the memory); prefill then dequantizes from the packed copy to the same
-    numbers, and the state dict (what a save writes) still holds the portable nibbles, unchanged.
-    nanopali.load(quantize="int4") packs while loading (QuantizedWeight.prepare), as here after decoding."""
+    """On a CPU whose packed int4 layout is known, each int4 layer holds the kernel's packed copy instead
+    of its portable nibbles (half the memory), from quantization on and through decoding; prefill
+    dequantizes from the packed copy to the numbers the portable nibbles give, and the state dict (what a
+    save writes) holds the portable nibbles, unchanged. nanopali.load(quantize="int4") does the same."""
     model, processor = nanopali.load(TINY, dtype=torch.bfloat16)
-    quantize_model(model, "int4")                                           # packs lazily (a load packs at once)
+    portable = copy.deepcopy(model)
+    with pytest.MonkeyPatch.context() as m:                                 # a layout this build cannot read
+        m.setattr(cpu_int4, "layout_known", lambda: False)
+        quantize_model(portable, "int4")
+    quantize_model(model, "int4")
+    assert portable.language_model.layers[0].mlp.up.qweight is not None
     big = processor(images=[IMAGE] * 8, prompts=["caption en"] * 8)          # > DECODE_MAX_ROWS rows: dense path
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    before = model(**big)                                                   # from the portable nibbles
+    saved = {k: v.clone() for k, v in portable.state_dict().items()}
+    before = portable(**big)                                                # from the portable nibbles
     nanopali.generate(model, processor, [IMAGE], ["caption en"], max_new_tokens=3)
     layer = model.language_model.layers[0].mlp.up
-    assert layer.qweight is None and layer._cpu_packed.numel() == layer.out_features * layer.in_features // 2
+    assert layer.qweight is None and layer.cpu_int4.packed.numel() == layer.out_features * layer.in_features // 2
     torch.testing.assert_close(model(**big), before, atol=0, rtol=0)        # from the packed copy
     after = model.state_dict()
     assert after.keys() == saved.keys() and all(torch.equal(after[k], saved[k]) for k in saved)
 
 
-@pytest.mark.skipif(not modules.cpu_layout_known(), reason="this torch build's CPU int4 layout is not the known one")
+@pytest.mark.skipif(not cpu_int4.layout_known(), reason="this torch build's CPU int4 layout is not the known one")
 def test_embedding_rows_read_from_the_cpu_packed_copy_equal_the_portable_ones():
     emb = TiedEmbedding(320, 128)
     nn.init.normal_(emb.weight)
+    with pytest.MonkeyPatch.context() as m:                                 # a layout this build cannot read
+        m.setattr(cpu_int4, "layout_known", lambda: False)
+        portable = QuantizedEmbedding.from_embedding(emb, "int4", 32)
     q = QuantizedEmbedding.from_embedding(emb, "int4", 32)
+    assert portable.qweight is not None and q.qweight is None              # only the packed copy
     ids = torch.tensor([[0, 31, 32, 63, 64, 200, 319, 5]])
-    rows = q(ids)
+    rows = portable(ids)
     h = torch.randn(1, 128)
-    head = q.unembed(h)                                                     # one row: packs, drops the nibbles
-    assert q.qweight is None
+    head = portable.unembed(h)
     torch.testing.assert_close(q(ids), rows, atol=0, rtol=0)
     torch.testing.assert_close(q.unembed(h), head, atol=0, rtol=0)
-    portable = dequantize_int4(q.state_dict()["qweight"], q.scale, q.zero, torch.float32)
-    torch.testing.assert_close(q.dequantize(slice(40, 250)), portable[40:250], atol=0, rtol=0)
+    table = dequantize_int4(q.state_dict()["qweight"], q.scale, q.zero, torch.float32)
+    torch.testing.assert_close(q.dequantize(slice(40, 250)), table[40:250], atol=0, rtol=0)
 
 
 def test_real_width_layers_and_logits_stay_within_what_each_scheme_promises(hf_checkpoint, test_images):
@@ -343,16 +352,16 @@ def test_real_width_layers_and_logits_stay_within_what_each_scheme_promises(hf_c
             assert (out - ref).abs().max() <= logit_err * ref.abs().max()
 
 
-@pytest.mark.skipif(not modules.cpu_layout_known(), reason="this torch build's CPU int4 layout is not the known one")
+@pytest.mark.skipif(not cpu_int4.layout_known(), reason="this torch build's CPU int4 layout is not the known one")
 def test_packing_for_the_cpu_kernel_a_slice_of_rows_at_a_time_equals_packing_at_once():
     nibbles, _, _ = quantize_int4(torch.randn(64 * 40, 256), 64)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight_only.unpack_nibbles(nibbles).to(torch.int32), 2)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(modules, "DENSE_CHUNK", 64 * 3 * 256)             # 3 blocks of 64 rows per slice
-        assert torch.equal(modules._cpu_pack(nibbles), whole)
+        m.setattr(cpu_int4, "PACK_CHUNK", 64 * 3 * 256)             # 3 blocks of 64 rows per slice
+        assert torch.equal(cpu_int4.pack(nibbles), whole)
 
 
-@pytest.mark.skipif(not modules.cpu_layout_known(), reason="this torch build's CPU int4 layout is not the known one")
+@pytest.mark.skipif(not cpu_int4.layout_known(), reason="this torch build's CPU int4 layout is not the known one")
 def test_an_int4_load_packs_for_the_cpu_kernel_while_loading(tmp_path, batch):
     model, _ = nanopali.load(TINY, dtype=torch.bfloat16, quantize="int4")
     up = model.language_model.layers[0].mlp.up

@@ -41,7 +41,7 @@ def test_the_quickstart_commands_teach_the_bundled_model_a_new_prompt(tmp_path):
     assert "elapsed" in stdout and " left" in stdout                                  # progress with an ETA
     assert after >= before + 0.15, (before, after)     # measured: 0.17 -> 0.47 at this scale
     # QLoRA: the same run on the model held in int8 learns as well (measured: 0.47 too; at full scale,
-    # README: 92 / 89.5 / 89 % against 92 / 88.5 / 90 % over three seeds)
+    # docs/fine-tuning.md: 92 / 89.5 / 89 % against 92 / 88.5 / 90 % over three seeds)
     assert abs(_train(data, tmp_path / "run-int8", "--quantize-base=int8")[1] - after) <= 0.1
 
     r = _run("sample.py", "--checkpoint", str(out), "--prompt", "count circles", "--prompt", "count squares")

@@ -159,15 +159,15 @@ def test_separator_joint_is_transformers_and_separate_is_big_vision(newline_toke
     joint, separate = (Processor(path, 28, 4, n, separator=s) for s in ("joint", "separate"))
     nl, nlnl = joint.sp.piece_to_id("\n"), joint.sp.piece_to_id("\n\n")
     prompt = "caption en\n"  # a prompt that already ends in "\n", as the prompt docs write them
-    assert joint.prompt_ids(prompt)[-2:] != separate.prompt_ids(prompt)[-2:]
-    assert joint.prompt_ids(prompt)[-1] == nlnl and separate.prompt_ids(prompt)[-2:] == [nl, nl]
-    assert joint.prompt_ids("caption en") == separate.prompt_ids("caption en")  # no merge, no difference
+    assert joint.prefix_ids(prompt)[-2:] != separate.prefix_ids(prompt)[-2:]
+    assert joint.prefix_ids(prompt)[-1] == nlnl and separate.prefix_ids(prompt)[-2:] == [nl, nl]
+    assert joint.prefix_ids("caption en") == separate.prefix_ids("caption en")  # no merge, no difference
     tf = PaliGemmaProcessor(tokenizer=GemmaTokenizer.from_pretrained(str(newline_tokenizer)),
                             image_processor=SiglipImageProcessorPil(size={"height": 28, "width": 28},
                                                                     image_seq_length=4))
     image = Image.new("RGB", (28, 28))
     for p in (prompt, "caption en"):
-        assert tf(images=[image], text=["<image>" + p])["input_ids"][0] == joint.prompt_ids(p)
+        assert tf(images=[image], text=["<image>" + p])["input_ids"][0] == joint.prefix_ids(p)
 
 
 # ---- Gemma 2 sliding window ----

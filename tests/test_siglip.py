@@ -195,7 +195,7 @@ def test_a_paligemma_with_a_siglip2_tower_runs_forward_generate_and_a_training_s
         pair, hf_checkpoint, test_images, tmp_path):
     import nanopali
     from nanopali.train import finetune
-    from nanopali.formats.hf import read_paligemma_config as read_config
+    from nanopali.formats.hf_config import read_paligemma_config as read_config
     from nanopali.generate import generate
     from nanopali.processing import Processor
 

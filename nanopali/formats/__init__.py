@@ -2,8 +2,11 @@
 
     files.py      the safetensors format read by hand (validated, no pickle), atomic writes, dtype/device names
     strict.py     the one strict loader every format fills a model through
+    hf_config.py  a Hugging Face config.json ↔ PaliGemmaConfig: transformers' defaults, size limits
     hf.py         Hugging Face PaliGemma directories: three key layouts in, the hub layout out
+    quantized.py  nanopali's quantized directory (a quantized model's save and load): its one home
     bigvision.py  Google's big_vision `.npz` checkpoints (stacked layers, einsum shapes)
+    images.py     image files: the one strict image loader every processor opens images with, and RGB
 
 Data flows file → Source (name, shape, reader) → rename → check → parameter. `load` below is the one
 entry point behind `nanopali.load`.
@@ -15,7 +18,7 @@ import os
 import torch
 
 from .files import CheckpointError
-from .hf import load_paligemma_model, read_quantization, save_checkpoint
+from .hf import load_paligemma_model, refuse_unmerged_qlora, save_checkpoint
 
 __all__ = ["load", "save_checkpoint", "CheckpointError"]
 
@@ -35,8 +38,9 @@ def load(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, va
 
     if os.fspath(path).endswith(".npz"):
         from .bigvision import load_npz
-        model, processor = load_npz(path, variant, tokenizer, dtype, device, attn_impl, quantize, group_size,
-                                    image_size)
+        model, processor = load_npz(path, variant=variant, tokenizer=tokenizer, dtype=dtype, device=device,
+                                    attn_impl=attn_impl, image_size=image_size, quantize=quantize,
+                                    group_size=group_size)
         return for_this_cpu(model), processor
     if variant is not None or tokenizer is not None:
         raise CheckpointError(f"variant= and tokenizer= are for big_vision .npz files; {path} is loaded as a "
@@ -44,11 +48,7 @@ def load(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, va
     tok = os.path.join(os.fspath(path), "tokenizer.model")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(tok):
         raise CheckpointError(f"No tokenizer.model in {path} (the SentencePiece file of the checkpoint)")
-    if os.path.isfile(os.path.join(os.fspath(path), "lora", "adapter_config.json")) and read_quantization(path):
-        # train.py's own exports hold merged weights (lora/ is a copy of the adapters); a quantized base
-        # beside unmerged adapters is qlora.export_quantized's, and without them it answers as the base
-        raise CheckpointError(f"{path} holds a quantized base with its LoRA adapters unmerged in {path}/lora: load "
-                              "both with nanopali.train.qlora.load_quantized(path)")
+    refuse_unmerged_qlora(os.fspath(path))
     model = load_paligemma_model(path, dtype, device, attn_impl, image_size, quantize, group_size)
     return for_this_cpu(model), Processor.for_model(tok, model.cfg)
 

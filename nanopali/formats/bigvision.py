@@ -303,9 +303,9 @@ def _build(npz: NpzArrays, cfg: PaliGemmaConfig, dtype, device, attn_impl: str, 
     return model
 
 
-def load_npz_model(path: str, variant=None, dtype=torch.float32, device="cpu", attn_impl: str = "auto",
-                   quantize: str | None = None, group_size: int | None = None,
-                   image_size: int | None = None) -> PaliGemma:
+def load_npz_model(path: str, variant=None, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *,
+                   image_size: int | None = None, quantize: str | None = None,
+                   group_size: int | None = None) -> PaliGemma:
     """The model alone from a big_vision .npz (see `load_npz`)."""
     dtype, device = resolve_dtype(dtype, device), resolve_device(device)
     check_quantize_arguments(quantize, group_size)
@@ -315,8 +315,8 @@ def load_npz_model(path: str, variant=None, dtype=torch.float32, device="cpu", a
 
 
 def load_npz(path: str, variant=None, tokenizer: str | None = None, dtype=torch.float32, device="cpu",
-             attn_impl: str = "auto", quantize: str | None = None, group_size: int | None = None,
-             image_size: int | None = None):
+             attn_impl: str = "auto", *, image_size: int | None = None, quantize: str | None = None,
+             group_size: int | None = None):
     """(model, processor) from a big_vision PaliGemma / PaliGemma 2 `.npz`.
 
         nanopali.load("paligemma2-3b-pt-224.b16.npz", variant="pg2-3b-224",
@@ -327,7 +327,7 @@ def load_npz(path: str, variant=None, tokenizer: str | None = None, dtype=torch.
     position table as for a Hugging Face directory.
     tokenizer: the SentencePiece file (big_vision's `paligemma_tokenizer.model`, or `tokenizer.model`
     of any Hugging Face PaliGemma repo: PaliGemma 2 uses PaliGemma 1's); an .npz holds weights only.
-    The reference switches keep transformers' defaults; see README for big_vision's settings."""
+    The reference switches keep transformers' defaults; see docs/big_vision.md for big_vision's settings."""
     from ..processing import Processor
 
     dtype, device = resolve_dtype(dtype, device), resolve_device(device)

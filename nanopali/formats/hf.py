@@ -20,15 +20,18 @@ from dataclasses import replace
 
 import torch
 
-from ..config import LIMITS, PaliGemmaConfig, from_hf_config, to_hf_config
+from ..config import PaliGemmaConfig
 from ..model import PaliGemma
 from ..vit import resample_pos_embed
 from .files import CheckpointError, atomic_write, read_safetensors_header, resolve_device, resolve_dtype, weight_files
+from .hf_config import LIMITS, read_paligemma_config, to_hf_config
+from .quantized import load_quantized, quantized_contents, read_quantization
 from .strict import SKIP, assign, load_strict, safetensors_sources
 
 
-# HF name (canonical hub layout, `vision_model.` dropped) → nanopali name. PaliGemma 1 calls its
-# pre-MLP norm `post_attention_layernorm`; Gemma 2 uses that name for the real post-attention norm.
+# HF name (canonical hub layout, `vision_model.` dropped) → nanopali name, or {generation: nanopali name}
+# where the generations differ: PaliGemma 1 calls its pre-MLP norm `post_attention_layernorm`; Gemma 2 uses
+# that name for the real post-attention norm.
 _RENAMES = [
     (r"vision_tower\.embeddings\.patch_embedding\.", "vision_tower.patch_embed."),
     (r"vision_tower\.embeddings\.position_embedding\.weight", "vision_tower.pos_embed"),
@@ -41,7 +44,8 @@ _RENAMES = [
     (r"language_model\.model\.embed_tokens\.weight", "language_model.embed.weight"),
     (r"language_model\.model\.norm\.weight", "language_model.final_norm.weight"),
     (r"language_model\.model\.layers\.(\d+)\.input_layernorm\.", r"language_model.layers.\1.pre_attn_norm."),
-    (r"language_model\.model\.layers\.(\d+)\.post_attention_layernorm\.", r"language_model.layers.\1.{post_attn}."),
+    (r"language_model\.model\.layers\.(\d+)\.post_attention_layernorm\.",
+     {1: r"language_model.layers.\1.pre_ffw_norm.", 2: r"language_model.layers.\1.post_attn_norm."}),
     (r"language_model\.model\.layers\.(\d+)\.pre_feedforward_layernorm\.", r"language_model.layers.\1.pre_ffw_norm."),
     (r"language_model\.model\.layers\.(\d+)\.post_feedforward_layernorm\.", r"language_model.layers.\1.post_ffw_norm."),
     (r"language_model\.model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.", r"language_model.layers.\1.attn.\2."),
@@ -63,8 +67,8 @@ def paligemma_name(key: str, generation: int) -> str | None:
     for pattern, repl in _RENAMES:
         m = re.fullmatch(pattern + r"(.*)", key)
         if m:
-            name = m.expand(repl + r"\g<%d>" % (m.re.groups))
-            return name.replace("{post_attn}", "post_attn_norm" if generation == 2 else "pre_ffw_norm")
+            repl = repl[generation] if isinstance(repl, dict) else repl
+            return m.expand(repl + r"\g<%d>" % (m.re.groups))
     return None
 
 
@@ -193,9 +197,7 @@ def at_image_size(cfg: PaliGemmaConfig, image_size) -> PaliGemmaConfig:
 
 def check_quantize_arguments(quantize, group_size) -> None:
     """Refuse a bad quantize= / group_size= before anything is read (quant.check_scheme says why)."""
-    if quantize is None:
-        if group_size is not None:
-            raise ValueError(f"group_size={group_size!r} goes with quantize='int4'")
+    if quantize is None and group_size is None:   # a float load: quant/ stays unimported
         return
     from ..quant import check_scheme
     check_scheme(quantize, group_size)
@@ -203,17 +205,18 @@ def check_quantize_arguments(quantize, group_size) -> None:
 
 def save_checkpoint(model: PaliGemma, out_dir: str, tokenizer_path: str | None = None) -> None:
     """Write config.json + model.safetensors (hub layout, no lm_head) atomically; copy the tokenizer.
-    A quantized model is written in nanopali's quantized format (quant/convert.py), which `load` reads."""
+    A quantized model is written in nanopali's quantized format (formats/quantized.py), which `load` reads."""
     from safetensors.torch import save_file
 
-    if getattr(model, "quantization", None) is not None:
-        from ..quant import save_quantized
-        return save_quantized(model, out_dir, tokenizer_path)
     os.makedirs(out_dir, exist_ok=True)
-    to_hf = nanopali_names(model.cfg)
-    tensors = {to_hf[n]: p.detach().contiguous().cpu() for n, p in model.named_parameters()}
-    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
-    cfg = json.dumps(to_hf_config(model.cfg), indent=2)
+    if getattr(model, "quantization", None) is not None:
+        tensors, entry = quantized_contents(model)
+    else:
+        to_hf = nanopali_names(model.cfg)
+        tensors, entry = {to_hf[n]: p.detach().contiguous().cpu() for n, p in model.named_parameters()}, {}
+    meta = {"format": "pt", **{k: json.dumps(v) for k, v in entry.items()}}
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(tensors, tmp, meta))
+    cfg = json.dumps({**to_hf_config(model.cfg), **entry}, indent=2)
     atomic_write(os.path.join(out_dir, "config.json"), lambda tmp: open(tmp, "w").write(cfg))
     if tokenizer_path is not None and os.path.abspath(tokenizer_path) != os.path.abspath(
             os.path.join(out_dir, "tokenizer.model")):
@@ -221,27 +224,13 @@ def save_checkpoint(model: PaliGemma, out_dir: str, tokenizer_path: str | None =
         atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda tmp: open(tmp, "wb").write(data))
 
 
-def read_paligemma_config(ckpt_dir: str) -> PaliGemmaConfig:
-    path = os.path.join(ckpt_dir, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"No config.json in {ckpt_dir}: not a Hugging Face checkpoint directory")
-    try:
-        with open(path) as f:
-            return from_hf_config(json.load(f))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-
-
-def read_quantization(ckpt_dir: str) -> dict | None:
-    """The "quantization" entry of a checkpoint's config.json ({"scheme", "group_size"}), or None."""
-    with open(os.path.join(ckpt_dir, "config.json")) as f:
-        quant = json.load(f).get("quantization")
-    if quant is not None and not (isinstance(quant, dict) and quant.get("scheme") in ("int8", "int4")):
-        raise CheckpointError(f"{ckpt_dir}/config.json: \"quantization\" is {quant!r}; expected "
-                              '{"scheme": "int8" or "int4", "group_size": ...}')
-    return quant
+def refuse_unmerged_qlora(path: str) -> None:
+    """Refuse a quantized base saved beside LoRA adapters it does not hold (qlora.export_quantized's
+    directory): loaded alone it would answer as the base. train.py's own exports hold merged weights
+    (their lora/ is a copy of the adapters), and those load as any directory."""
+    if os.path.isfile(os.path.join(path, "lora", "adapter_config.json")) and read_quantization(path):
+        raise CheckpointError(f"{path} holds a quantized base with its LoRA adapters unmerged in {path}/lora: load "
+                              "both with nanopali.train.qlora.load_quantized(path)")
 
 
 def load_paligemma_model(path: str, dtype=torch.float32, device="cpu", attn_impl: str = "auto",
@@ -268,8 +257,8 @@ def load_paligemma_model(path: str, dtype=torch.float32, device="cpu", attn_impl
     check_config_against_headers(cfg, files, os.path.join(path, "config.json"))
     saved = read_quantization(path)
     if saved is not None:
-        model = _load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size,
-                                resample_pos=cfg.vision.image_size != native)
+        adapt = {"vision_tower.pos_embed": _resampled} if cfg.vision.image_size != native else None
+        model = load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size, adapt)
     else:
         with torch.device("meta"):
             model = PaliGemma(cfg)
@@ -280,25 +269,4 @@ def load_paligemma_model(path: str, dtype=torch.float32, device="cpu", attn_impl
         load_state(model, files, dtype, device, resample_pos=cfg.vision.image_size != native, place=place)
     model.eval()
     model.attn_impl = attn_impl
-    return model
-
-
-def _load_quantized(path, cfg, files, saved, dtype, device, quantize, group_size, resample_pos) -> PaliGemma:
-    """A directory save_checkpoint wrote from a quantized model: the quantized skeleton, filled strictly.
-    The position table stays float when quantized (quant/convert.py), so another image size resamples it
-    as for a float directory."""
-    from ..quant import quantized_skeleton
-
-    scheme, group = saved["scheme"], saved.get("group_size")
-    if (quantize is not None and quantize != scheme) or (group_size is not None and group_size != group):
-        raise CheckpointError(f"{path} holds a model quantized as {scheme}" + (f" (groups of {group})" if group else "")
-                              + f"; it cannot be loaded as quantize={quantize!r}, group_size={group_size!r}: "
-                              "load it without them, or quantize its full-precision checkpoint")
-    model = quantized_skeleton(cfg, scheme, group, dtype)
-    load_strict(model, safetensors_sources(files), lambda key: key, dtype=dtype, device=device,
-                adapt={"vision_tower.pos_embed": _resampled} if resample_pos else None,
-                where=f"Quantized checkpoint {', '.join(files)} cannot be loaded as its config.json describes")
-    for module in model.modules():
-        if hasattr(module, "prepare"):
-            module.prepare(dtype)
     return model

@@ -21,11 +21,11 @@ from .tuning import tile_config
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, M_PART, L_PART, ACC_PART, START, PREFIX_END, scale, softcap, window, Q_START,
+def _decode_kernel(Q, K, V, M_PART, L_PART, ACC_PART, START, PREFIX_END, scale, softcap, window, SLOT,
                    KV_HEADS, T, S, H, CHUNK, SPLITS, G: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr,
                    PRECISION: tl.constexpr):
-    q_start = tl.load(Q_START).to(tl.int32)
+    slot = tl.load(SLOT).to(tl.int32)
     split, bk = tl.program_id(0), tl.program_id(1)         # grid (C, B * K)
     start, pe = row_mask(START, PREFIX_END, bk // KV_HEADS)
     head = bk.to(tl.int64)                                 # int64 head offsets, as in flash.py
@@ -35,13 +35,13 @@ def _decode_kernel(Q, K, V, M_PART, L_PART, ACC_PART, START, PREFIX_END, scale, 
     r = tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_H)
     q = load_rows(Q, r, G * T, d, H, DOT)                 # (BLOCK_R, BLOCK_H), row r = g·T + t
-    lo, full_lo, full_hi, hi = key_tiles(q_start, q_start + T - 1, start, pe, window, S, BLOCK_N)
+    lo, full_lo, full_hi, hi = key_tiles(slot, slot + T - 1, start, pe, window, S, BLOCK_N)
     c0 = split * CHUNK                                     # this program's keys: [c0, c0 + CHUNK)
     c1 = c0 + CHUNK
     m = tl.full((BLOCK_R,), -1.0e30, tl.float32)
     l = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_H), tl.float32)
-    i = q_start + r % T
+    i = slot + r % T
     # flash.py's three tile classes, each cut to this chunk
     acc, l, m = fwd_tiles(acc, l, m, q, i, K, V, tl.maximum(lo, c0), tl.minimum(full_lo, c1), start, pe,
                            window, S, d, H, scale, softcap, BLOCK_N, SOFTCAP, DOT, PRECISION, True)
@@ -80,7 +80,7 @@ def default_splits(B: int, KV: int, S: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(S, BLOCK_N), triton.cdiv(2 * sms, B * KV)))
 
 
-def decode_forward(q, k, v, start, prefix_end, scale, softcap, window, q_start, num_splits=None):
+def decode_forward(q, k, v, start, prefix_end, scale, softcap, window, slot, num_splits=None):
     """Like flash.flash_forward, (o, lse), for few queries: keys split into num_splits chunks."""
     B, N, T, H = q.shape
     KV, S = k.shape[1], k.shape[2]
@@ -89,7 +89,7 @@ def decode_forward(q, k, v, start, prefix_end, scale, softcap, window, q_start, 
     splits = num_splits or default_splits(B, KV, S, q.device)
     chunk = triton.cdiv(triton.cdiv(S, splits), BLOCK_N) * BLOCK_N  # a multiple of BLOCK_N: tiles stay aligned
     splits = triton.cdiv(S, chunk)
-    args = kernel_args(q, k, window, q_start)
+    args = kernel_args(q, k, window, slot)
     BLOCK_R, BLOCK_H = max(16, triton.next_power_of_2(R)), args["BLOCK_H"]
     m_part = torch.empty(B * KV, splits, BLOCK_R, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)

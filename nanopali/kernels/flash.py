@@ -21,7 +21,7 @@ import triton.language as tl
 from .tuning import INTERPRETED, target_arch, tile_config
 
 # Letters: B batch, N query heads, K key/value heads, G = N // K, T queries, S keys, H head dim.
-# A query's absolute index is i = q_start + t; keys are j = 0..S-1. BLOCK_H is H padded to a power of
+# A query's absolute index is i = slot + t; keys are j = 0..S-1. BLOCK_H is H padded to a power of
 # two (72 → 128; the padding columns load as 0, so they add nothing to q·kᵀ and are never stored).
 # Each kernel first moves its pointers to its head in int64 ((b·N + n)·T·H can pass 2³¹); offsets
 # inside a head stay int32, which keeps the 256-wide tiles' offsets in half the registers.
@@ -91,12 +91,12 @@ def key_tiles(i_lo, i_hi, start, pe, window, S, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def query_tiles(j_lo, j_hi, start, pe, window, q_start, T, BLOCK_M: tl.constexpr):
-    """The mirror of key_tiles for keys j_lo..j_hi: (lo, full_lo, full_hi, hi) as query rows t = i - q_start.
+def query_tiles(j_lo, j_hi, start, pe, window, slot, T, BLOCK_M: tl.constexpr):
+    """The mirror of key_tiles for keys j_lo..j_hi: (lo, full_lo, full_hi, hi) as query rows t = i - slot.
 
     Per key: a pad key is read by itself, a prefix key by [start, max(pe, j + window)), a suffix key
     by [j, j + window)."""
-    q_end = q_start + T
+    q_end = slot + T
     real = j_hi >= start
     has_prefix_key = real & (tl.maximum(j_lo, start) < pe)
     lo = tl.where(has_prefix_key, tl.minimum(j_lo, start), j_lo)
@@ -105,12 +105,12 @@ def query_tiles(j_lo, j_hi, start, pe, window, q_start, T, BLOCK_M: tl.constexpr
     a = tl.where(j_hi >= pe, tl.maximum(start, j_hi), start)
     b = tl.where(j_lo < pe, tl.minimum(q_end, tl.maximum(pe, j_lo + window)), q_end)
     b = tl.where(j_hi >= pe, tl.minimum(b, tl.maximum(j_lo, pe) + window), b)
-    lo = tl.maximum(lo - q_start, 0)
-    hi = tl.maximum(tl.minimum(hi, q_end) - q_start, 0)
+    lo = tl.maximum(lo - slot, 0)
+    hi = tl.maximum(tl.minimum(hi, q_end) - slot, 0)
     hi = tl.where(lo < hi, hi, 0)  # no query of this call reads these keys (e.g. the cache's future slots)
     lo = lo // BLOCK_M * BLOCK_M
-    full_lo = (tl.maximum(a - q_start, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    full_hi = tl.maximum(b - q_start, 0) // BLOCK_M * BLOCK_M
+    full_lo = (tl.maximum(a - slot, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    full_hi = tl.maximum(b - slot, 0) // BLOCK_M * BLOCK_M
     hi_up = (hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     empty = (j_lo < start) | (full_lo >= full_hi)
     return lo, tl.where(empty, hi_up, full_lo), tl.where(empty, hi_up, full_hi), hi
@@ -137,10 +137,10 @@ def fwd_tiles(acc, l, m, q, i, K, V, lo, hi, start, pe, window, S, d, H, scale, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, START, PREFIX_END, scale, softcap, window, Q_START, N, T, S, H,
+def _fwd_kernel(Q, K, V, O, LSE, START, PREFIX_END, scale, softcap, window, SLOT, N, T, S, H,
                 G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    q_start = tl.load(Q_START).to(tl.int32)                # read on the device (kernel_args)
+    slot = tl.load(SLOT).to(tl.int32)                # read on the device (kernel_args)
     pid_m, bn = tl.program_id(0), tl.program_id(1)         # grid (cdiv(T, BLOCK_M), B * N)
     start, pe = row_mask(START, PREFIX_END, bn // N)
     head = bn.to(tl.int64)
@@ -152,14 +152,14 @@ def _fwd_kernel(Q, K, V, O, LSE, START, PREFIX_END, scale, softcap, window, Q_ST
     t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_H)
     q = load_rows(Q, t, T, d, H, DOT)                     # (BLOCK_M, BLOCK_H)
-    i_lo = q_start + pid_m * BLOCK_M
-    lo, full_lo, full_hi, hi = key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, q_start + T) - 1,
+    i_lo = slot + pid_m * BLOCK_M
+    lo, full_lo, full_hi, hi = key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, slot + T) - 1,
                                           start, pe, window, S, BLOCK_N)
     # -1e30, not -inf: a row whose first tiles are all masked must give exp2(-inf - m) = 0, not NaN.
     m = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
-    i = q_start + t
+    i = slot + t
     acc, l, m = fwd_tiles(acc, l, m, q, i, K, V, lo, full_lo, start, pe, window, S, d, H, scale, softcap,
                            BLOCK_N, SOFTCAP, DOT, PRECISION, True)
     acc, l, m = fwd_tiles(acc, l, m, q, i, K, V, full_lo, full_hi, start, pe, window, S, d, H, scale, softcap,
@@ -174,7 +174,7 @@ def _fwd_kernel(Q, K, V, O, LSE, START, PREFIX_END, scale, softcap, window, Q_ST
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, j, Q, DO, LSE, DELTA, lo, hi, q_start, T, start, pe, window, S, d, H, scale, softcap,
+def _dkdv_tiles(dk, dv, k, v, j, Q, DO, LSE, DELTA, lo, hi, slot, T, start, pe, window, S, d, H, scale, softcap,
                 BLOCK_M: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                 MASKED: tl.constexpr):
     """dK, dV of one key tile from the query tiles in [lo, hi) of one query head: FA2 Algorithm 2."""
@@ -187,7 +187,7 @@ def _dkdv_tiles(dk, dv, k, v, j, Q, DO, LSE, DELTA, lo, hi, q_start, T, start, p
         s, th = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)
         p = tl.exp2(s - lse[:, None])                      # (BLOCK_M, BLOCK_N)
         if MASKED:
-            p = tl.where(_allowed((q_start + t)[:, None], j[None, :], start, pe, window, S), p, 0.0)
+            p = tl.where(_allowed((slot + t)[:, None], j[None, :], start, pe, window, S), p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)  # (BLOCK_N, BLOCK_H)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])                     # softmax backward: dS = P ∘ (dP − rowsum(dO ∘ O))
@@ -198,10 +198,10 @@ def _dkdv_tiles(dk, dv, k, v, j, Q, DO, LSE, DELTA, lo, hi, q_start, T, start, p
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, START, PREFIX_END, scale, softcap, window, Q_START,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, START, PREFIX_END, scale, softcap, window, SLOT,
                      KV_HEADS, T, S, H, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    q_start = tl.load(Q_START).to(tl.int32)                # read on the device (kernel_args)
+    slot = tl.load(SLOT).to(tl.int32)                # read on the device (kernel_args)
     pid_n, bk = tl.program_id(0), tl.program_id(1)         # grid (cdiv(S, BLOCK_N), B * K)
     start, pe = row_mask(START, PREFIX_END, bk // KV_HEADS)
     head = bk.to(tl.int64)
@@ -219,16 +219,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, START, PREFIX_END, scale, 
     v = load_rows(V, j, S, d, H, DOT)
     j_lo = pid_n * BLOCK_N
     lo, full_lo, full_hi, hi = query_tiles(j_lo, tl.minimum(j_lo + BLOCK_N, S) - 1, start, pe, window,
-                                            q_start, T, BLOCK_M)
+                                            slot, T, BLOCK_M)
     dk = tl.zeros((BLOCK_N, BLOCK_H), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_H), tl.float32)
     for g in range(G):  # the G query heads reading this K/V head: summed here, so no atomics
         Qn, DOn, LSEn, DELTAn = Q + g * T * H, DO + g * T * H, LSE + g * T, DELTA + g * T
-        dk, dv = _dkdv_tiles(dk, dv, k, v, j, Qn, DOn, LSEn, DELTAn, lo, full_lo, q_start, T, start, pe, window,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, j, Qn, DOn, LSEn, DELTAn, lo, full_lo, slot, T, start, pe, window,
                              S, d, H, scale, softcap, BLOCK_M, SOFTCAP, DOT, PRECISION, True)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, j, Qn, DOn, LSEn, DELTAn, full_lo, full_hi, q_start, T, start, pe,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, j, Qn, DOn, LSEn, DELTAn, full_lo, full_hi, slot, T, start, pe,
                              window, S, d, H, scale, softcap, BLOCK_M, SOFTCAP, DOT, PRECISION, False)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, j, Qn, DOn, LSEn, DELTAn, full_hi, hi, q_start, T, start, pe, window,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, j, Qn, DOn, LSEn, DELTAn, full_hi, hi, slot, T, start, pe, window,
                              S, d, H, scale, softcap, BLOCK_M, SOFTCAP, DOT, PRECISION, True)
     rows = (j[:, None] < S) & (d[None, :] < H)
     tl.store(DK + j[:, None] * H + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=rows)
@@ -256,10 +256,10 @@ def _dq_tiles(dq, q, do, lse, delta, i, K, V, lo, hi, start, pe, window, S, d, H
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softcap, window, Q_START, N, T, S, H,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softcap, window, SLOT, N, T, S, H,
                    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                    SOFTCAP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    q_start = tl.load(Q_START).to(tl.int32)                # read on the device (kernel_args)
+    slot = tl.load(SLOT).to(tl.int32)                # read on the device (kernel_args)
     pid_m, bn = tl.program_id(0), tl.program_id(1)         # grid (cdiv(T, BLOCK_M), B * N)
     start, pe = row_mask(START, PREFIX_END, bn // N)
     head = bn.to(tl.int64)
@@ -276,11 +276,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softca
     do = load_rows(DO, t, T, d, H, DOT)
     lse = tl.load(LSE + t, mask=t < T, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + t, mask=t < T, other=0.0)
-    i_lo = q_start + pid_m * BLOCK_M
-    lo, full_lo, full_hi, hi = key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, q_start + T) - 1,
+    i_lo = slot + pid_m * BLOCK_M
+    lo, full_lo, full_hi, hi = key_tiles(i_lo, tl.minimum(i_lo + BLOCK_M, slot + T) - 1,
                                           start, pe, window, S, BLOCK_N)
     dq = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
-    i = q_start + t
+    i = slot + t
     dq = _dq_tiles(dq, q, do, lse, delta, i, K, V, lo, full_lo, start, pe, window, S, d, H, scale, softcap,
                    BLOCK_N, SOFTCAP, DOT, PRECISION, True)
     dq = _dq_tiles(dq, q, do, lse, delta, i, K, V, full_lo, full_hi, start, pe, window, S, d, H, scale, softcap,
@@ -291,21 +291,21 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, PREFIX_END, scale, softca
     tl.store(DQ + t[:, None] * H + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rows)
 
 
-def kernel_args(q, k, window, q_start):
+def kernel_args(q, k, window, slot):
     """Arguments every kernel takes: shapes, the window as an int (None: S, longer than any row), the first
     query index as one int64 on q's device (the kernels read it from memory, so a compiled decode step
     never bakes it in), and how tiles multiply: fp32 as full fp32 ("ieee", not TF32), within 1e-5 of the
     reference; bf16 as fp32 in the interpreter, whose bf16 dot multiplies raw bits."""
     B, N, T, H = q.shape
-    q_start = torch.as_tensor(q_start, dtype=torch.int64, device=q.device).reshape(())
+    slot = torch.as_tensor(slot, dtype=torch.int64, device=q.device).reshape(())
     dot = {torch.float16: tl.float16, torch.float32: tl.float32,
            torch.bfloat16: tl.float32 if INTERPRETED else tl.bfloat16}[q.dtype]
     return dict(T=T, S=k.shape[2], H=H, G=N // k.shape[1], BLOCK_H=max(16, triton.next_power_of_2(H)),
-                window=k.shape[2] if window is None else window, Q_START=q_start,
+                window=k.shape[2] if window is None else window, SLOT=slot,
                 DOT=dot, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def flash_forward(q, k, v, start, prefix_end, scale, softcap, window, q_start):
+def flash_forward(q, k, v, start, prefix_end, scale, softcap, window, slot):
     """o (B, N, T, H) in q's dtype and the logsumexp of every query row, lse (B, N, T) fp32."""
     B, N, T, H = q.shape
     BLOCK_M, BLOCK_N, warps, stages = tile_config("fwd", H, q.dtype, target_arch(q.device))
@@ -313,18 +313,18 @@ def flash_forward(q, k, v, start, prefix_end, scale, softcap, window, q_start):
     lse = torch.empty(B, N, T, device=q.device, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(T, BLOCK_M), B * N)](
         q, k, v, o, lse, start, prefix_end, scale, softcap or 1.0, N=N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        SOFTCAP=softcap is not None, num_warps=warps, num_stages=stages, **kernel_args(q, k, window, q_start))
+        SOFTCAP=softcap is not None, num_warps=warps, num_stages=stages, **kernel_args(q, k, window, slot))
     return o, lse
 
 
-def flash_backward(do, q, k, v, o, lse, start, prefix_end, scale, softcap, window, q_start):
+def flash_backward(do, q, k, v, o, lse, start, prefix_end, scale, softcap, window, slot):
     """dq, dk, dv from the output gradient do (B, N, T, H) and the forward's o and lse."""
     B, N, T, H = q.shape
     KV, S = k.shape[1], k.shape[2]
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)               # (B, N, T) = rowsum(dO ∘ O) = rowsum(P ∘ dP)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    args, arch = dict(SOFTCAP=softcap is not None, **kernel_args(q, k, window, q_start)), target_arch(q.device)
+    args, arch = dict(SOFTCAP=softcap is not None, **kernel_args(q, k, window, slot)), target_arch(q.device)
     BLOCK_M, BLOCK_N, warps, stages = tile_config("dkdv", H, q.dtype, arch)
     _bwd_dkdv_kernel[(triton.cdiv(S, BLOCK_N), B * KV)](
         q, k, v, do, lse, delta, dk, dv, start, prefix_end, scale, softcap or 1.0, KV_HEADS=KV,

@@ -60,7 +60,7 @@ def _decide(key, device, dtype, H, G) -> None:
 
 
 def _cases(S: int):
-    """(name, T, q_start, softcap, window, logit gain) of each check; gain 4 saturates the cap of 5, so
+    """(name, T, slot, softcap, window, logit gain) of each check; gain 4 saturates the cap of 5, so
     the soft-cap's derivative matters in the backward."""
     return (("prefix-LM mask with pads, soft-cap, sliding window", S, 0, 5.0, S // 4, 4.0),
             ("prefix-LM mask with pads, no soft-cap", S, 0, None, None, 1.0),
@@ -77,8 +77,8 @@ def disagreement(device: torch.device, dtype: torch.dtype, H: int, G: int = 2) -
     B, K, S = 2, 2, 24 if INTERPRETED else 200
     start, prefix_end = torch.tensor([0, 5]), torch.tensor([S * 2 // 3, S // 3])   # row 1: 5 pads
     g = torch.Generator().manual_seed(0)
-    for name, T, q_start, softcap, window, gain in _cases(S):
-        errors = relative_errors(device, dtype, B, max(2, G) * K, K, T, S, H, start, prefix_end, q_start,
+    for name, T, slot, softcap, window, gain in _cases(S):
+        errors = relative_errors(device, dtype, B, max(2, G) * K, K, T, S, H, start, prefix_end, slot,
                                  softcap, window, gain, g)
         for what, err in errors.items():
             if not err <= TOLERANCE[dtype]:   # written so that NaN fails too
@@ -88,7 +88,7 @@ def disagreement(device: torch.device, dtype: torch.dtype, H: int, G: int = 2) -
     return None
 
 
-def relative_errors(device, dtype, B, N, K, T, S, H, start, prefix_end, q_start=0, softcap=None, window=None,
+def relative_errors(device, dtype, B, N, K, T, S, H, start, prefix_end, slot=0, softcap=None, window=None,
                     gain=1.0, g=None) -> dict[str, float]:
     """{"output", "dq", "dk", "dv": max |kernel − reference| / max |reference|} on random inputs drawn from
     the CPU generator g; the reference runs in fp32 on the same (rounded) inputs."""
@@ -101,10 +101,10 @@ def relative_errors(device, dtype, B, N, K, T, S, H, start, prefix_end, q_start=
         k, v = (torch.randn(B, K, S, H, generator=g).to(device, dtype).requires_grad_() for _ in range(2))
         do = torch.randn(B, N, T, H, generator=g).to(device, dtype)
         o = flash_attention(q, k, v, start, prefix_end, scale=H ** -0.5, softcap=softcap, window=window,
-                            q_start=q_start)
+                            slot=slot)
         got = (o, *torch.autograd.grad(o, (q, k, v), do))
         x32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
-        allowed = PrefixLMMask(start.to(device), prefix_end.to(device), S).allowed(q_start, T, S, window)
+        allowed = PrefixLMMask(start.to(device), prefix_end.to(device), S).allowed(slot, T, S, window)
         ref = reference_attention(*x32, allowed, H ** -0.5, softcap)
         want = (ref, *torch.autograd.grad(ref, x32, do.float()))
     return {what: ((a.float() - b).abs().max() / b.abs().max()).item()

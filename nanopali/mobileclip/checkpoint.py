@@ -25,7 +25,7 @@ import torch
 from ..formats.files import (CheckpointError, read_safetensors_header, resolve_device, resolve_dtype,
                              printable, weights_only_refusal)
 from ..formats.strict import SKIP, Source, load_strict, safetensors_sources
-from ..processing import MAX_IMAGE_PIXELS
+from ..formats.images import MAX_IMAGE_PIXELS
 from .mci import MCI_PRESETS, MCiConfig
 from .model import OPENAI_MEAN, OPENAI_STD, MobileCLIP, MobileCLIPConfig, PreprocessConfig, mobileclip_preset
 from .text import TextConfig

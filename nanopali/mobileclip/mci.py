@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention import attention
 from .reparam import ConvBN, LayerScale2d, MobileOneBlock, RepConditionalPosEnc, RepMixer, ReparamLargeKernelConv
 
 
@@ -84,12 +85,14 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = dim // head_dim, head_dim
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
+        self.attn_impl = "auto"   # attention.py's choice; MobileCLIP.attn_impl sets it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, Y, X = x.shape
         t = x.flatten(2).transpose(1, 2)                                                   # (B, T, C)
         q, k, v = self.qkv(t).view(B, Y * X, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, N, T, H)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Y * X, C)
+        o = attention(q, k, v, scale=self.head_dim ** -0.5, impl=self.attn_impl)              # (B, N, T, H)
+        o = o.transpose(1, 2).reshape(B, Y * X, C)
         return self.proj(o).transpose(1, 2).reshape(B, C, Y, X)
 
 

@@ -4,7 +4,8 @@
     text  → CLIP text transformer (text.py) → y ┘
 
 The contract is CLIP's (open_clip `CustomTextCLIP`): one scalar temperature, no bias, and a softmax
-over the candidates (the contrastive loss, distill.py), unlike SigLIP's per-pair sigmoid. Tensor names
+over the candidates (the contrastive loss, distill.py), unlike SigLIP's per-pair sigmoid; `forward`
+and `logits` are the two-tower ones SigLIP has (nanopali/siglip/model.py `TwoTowers`). Tensor names
 are open_clip's with its prefixes `visual.trunk.` → `image_tower.` and `text.` → `text_tower.`
 (checkpoint.py). Presets: every released MobileCLIP2 (open_clip `MobileCLIP2-{S0,S2,S3,S4,B,L-14}`,
 pretrained tag `dfndr2b`) and the MobileCLIP (v1) checkpoints open_clip carries (S1, S2, B); each
@@ -18,8 +19,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..siglip.model import TwoTowers
 from .mci import MCI_PRESETS, MCi, MCiConfig
 from .text import TextConfig, TextTransformer
 from .vit import VIT_PRESETS, ViT, ViTConfig
@@ -49,7 +50,7 @@ class MobileCLIPConfig:
             raise ValueError(f"image embed_dim {self.image.embed_dim} != text embed_dim {self.text.embed_dim}")
 
 
-class MobileCLIP(nn.Module):
+class MobileCLIP(TwoTowers):
     def __init__(self, cfg: MobileCLIPConfig):
         super().__init__()
         self.cfg = cfg
@@ -57,28 +58,22 @@ class MobileCLIP(nn.Module):
         self.text_tower = TextTransformer(cfg.text)
         # t of CLIP §2.5: logits = exp(t) · cos, initialised at t = log(1/0.07) (open_clip's init).
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_bias = None   # CLIP's logits have no bias (SigLIP's do)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(I, 3, S, S) → (I, E) image features, not normalised (open_clip `encode_image`)."""
         return self.image_tower(pixel_values)
 
-    def encode_texts(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(J, L) → (J, E) text features, not normalised (open_clip `encode_text`)."""
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(J, L) → (J, E) text features, not normalised (open_clip `encode_text`). Pads are attended,
+        as trained (text.py), so there is no attention_mask to give."""
+        if attention_mask is not None:
+            raise ValueError("MobileCLIP's text tower attends its pads, as it was trained: it takes no attention_mask")
         return self.text_tower(input_ids)
-
-    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """(I, E), (J, E) L2-normalised embeddings → logits (I, J) = exp(t) · cos."""
-        return image_embeds @ text_embeds.T * self.logit_scale.exp()
 
     def label_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Zero-shot: a softmax over the labels of each image (CLIP's rule: the labels compete)."""
         return logits.softmax(-1)
-
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (I, J) of every image against every text (open_clip `get_logits`, image side)."""
-        x = F.normalize(self.encode_images(pixel_values), dim=-1)
-        y = F.normalize(self.encode_texts(input_ids), dim=-1)
-        return self.logits(x, y)
 
 
 # ---- presets: every released MobileCLIP2, and the MobileCLIP v1 checkpoints that share its towers ----

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..formats.files import CheckpointError
-from ..processing import InputError, load_image
+from ..formats.images import InputError, load_image
 from ..siglip.processing import TwoTowerProcessor
 from .model import MobileCLIPConfig
 from .tokenizer import BPETokenizer

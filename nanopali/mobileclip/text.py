@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention import attention
+from ..masking import PrefixLMMask
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -33,16 +36,17 @@ class TextConfig:
 class MultiheadAttention(nn.Module):
     def __init__(self, width: int, num_heads: int):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.attn_impl = "auto"   # attention.py's choice; MobileCLIP.attn_impl sets it
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: PrefixLMMask | None) -> torch.Tensor:
         J, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(J, L, 3, self.num_heads, W // self.num_heads).permute(2, 0, 3, 1, 4)  # (J, N, L, H)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        q, k, v = qkv.view(J, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)       # (J, N, L, H)
+        o = attention(q, k, v, mask, scale=self.head_dim ** -0.5, impl=self.attn_impl)           # (J, N, L, H)
         return self.out_proj(o.transpose(1, 2).reshape(J, L, W))
 
 
@@ -64,8 +68,8 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.width)
         self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x: torch.Tensor, mask: PrefixLMMask | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -91,8 +95,12 @@ class TextTransformer(nn.Module):
         if L > self.cfg.context_length:
             raise ValueError(f"Text of {L} tokens; the text tower has {self.cfg.context_length} positions")
         x = self.token_embedding(input_ids) + self.positional_embedding[:L]               # (J, L, W)
+        # CLIP's causal mask is the prefix-LM mask with an empty prefix: every token is "suffix", so it
+        # sees itself and those before it (masking.py), and the one dispatch runs it on every path.
+        none = torch.zeros(J, dtype=torch.long, device=x.device)
+        mask = PrefixLMMask(none, none, L) if self.cfg.causal else None
         for block in self.transformer.resblocks:
-            x = block(x, self.cfg.causal)
+            x = block(x, mask)
         x = self.ln_final(x)
         return x[torch.arange(J, device=x.device), input_ids.argmax(-1)] @ self.text_projection  # (J, E)
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention import attention
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -73,14 +75,16 @@ class PatchConv(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.num_heads = cfg.num_heads
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.width // cfg.num_heads
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
+        self.attn_impl = "auto"   # attention.py's choice; MobileCLIP.attn_impl sets it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, W = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, W // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, N, T, H)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, W))
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, N, T, H)
+        o = attention(q, k, v, scale=self.head_dim ** -0.5, impl=self.attn_impl)                 # (B, N, T, H)
+        return self.proj(o.transpose(1, 2).reshape(B, T, W))
 
 
 class Mlp(nn.Module):

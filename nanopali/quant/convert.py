@@ -1,4 +1,4 @@
-"""Which layers of PaliGemma are quantized, in place or while loading, and the quantized file format.
+"""Which layers of PaliGemma are quantized, in place or while loading.
 
 Quantized: every nn.Linear of the image encoder, the projector and the decoder, and the tied embedding
 (the LM head, read at every decode step). Left in float: the norms (a few thousand weights each, and the
@@ -6,49 +6,26 @@ model is sensitive to their scale), the biases, SigLIP's Conv2d patch embedding 
 588-wide input is a handful of weights), and the position table (added, not multiplied: no GEMM to speed up).
 int4 needs its group size to divide a layer's input width; a layer it does not divide is quantized int8
 instead (SigLIP So400m's MLP is 4304 wide, 16·269, so no int4 group size divides it).
-File format: model.safetensors with nanopali's tensor names (qweight, scale, zero per layer), the scheme
-in its metadata and in config.json under "quantization". int4 is stored as nibbles (weight_only.py's
-portable layout), never as a kernel's packed tiles, which differ per device and per CPU ISA.
+Savers and loaders share this rule (`layer_scheme`), so the quantized file format (formats/quantized.py)
+needs no per-layer table.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import torch
 import torch.nn as nn
 
 from .modules import QuantizedEmbedding, QuantizedLinear
-from .weight_only import check_group_size, quantize_weight
+from .weight_only import DEFAULT_GROUP_SIZE, SCHEMES, check_scheme, quantize_weight  # noqa: F401 (re-exported)
 
 log = logging.getLogger("nanopali")
-
-SCHEMES = ("int8", "int4")
-# int4 groups: a bf16 scale and zero cost 4 bytes a group, +25% over the 0.5-byte nibbles at 32, +12.5% at 64,
-# +6% at 128 (gpt-fast's and torchao's default); kernel speed barely depends on it. On the tiny model's 200
-# held-out scenes 32, 64 and 128 all stay within 0.01 of fp32 on every metric; 64 is the middle ground
-# until a full-size model is measured.
-DEFAULT_GROUP_SIZE = 64
 
 
 def layer_scheme(scheme: str, in_features: int, group_size: int | None) -> str:
     """The scheme one layer gets: int4 falls back to int8 where its groups do not divide the width.
     Savers and loaders share this rule, so a file needs no per-layer table."""
     return "int8" if scheme == "int4" and in_features % group_size else scheme
-
-
-def check_scheme(scheme: str, group_size: int | None) -> int | None:
-    """Validated group size (None for int8). A group size given with int8 is refused, not ignored: the
-    caller asked for something int8 does not do."""
-    if not isinstance(scheme, str) or scheme not in SCHEMES:
-        raise ValueError(f"Unknown quantization scheme {scheme!r}; known: {', '.join(map(repr, SCHEMES))}")
-    if scheme == "int8":
-        if group_size is not None:
-            raise ValueError(f"group_size={group_size!r} is for int4: int8 has one scale per output row, no "
-                             "groups; drop group_size or use quantize='int4'")
-        return None
-    return check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
 
 def quantize_linear_weight(w: torch.Tensor, scheme: str, group_size: int | None = None,
@@ -132,26 +109,3 @@ def quantizing_place(model: nn.Module, scheme: str, group_size: int | None = Non
 
     model.quantization = {"scheme": scheme, "group_size": group_size}
     return place
-
-
-def save_quantized(model: nn.Module, out_dir: str, tokenizer_path: str | None = None) -> None:
-    """config.json (with "quantization") + model.safetensors (scheme in its metadata), written atomically.
-    nanopali.save_checkpoint calls this for a quantized model; nanopali.load reads it back."""
-    from safetensors.torch import save_file
-
-    from ..config import to_hf_config
-    from ..formats.files import atomic_write
-
-    quant = getattr(model, "quantization", None)
-    if quant is None:
-        raise ValueError("save_quantized: the model is not quantized; call quantize_model first")
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
-    meta = {"format": "pt", "quantization": json.dumps(quant)}
-    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(tensors, tmp, meta))
-    cfg = json.dumps({**to_hf_config(model.cfg), "quantization": quant}, indent=2)
-    atomic_write(os.path.join(out_dir, "config.json"), lambda tmp: open(tmp, "w").write(cfg))
-    if tokenizer_path is not None and os.path.abspath(tokenizer_path) != os.path.abspath(
-            os.path.join(out_dir, "tokenizer.model")):
-        data = open(tokenizer_path, "rb").read()
-        atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda tmp: open(tmp, "wb").write(data))

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weight_only import (byte_lookup, byte_table, dequantize_int4, dequantize_int8, pack_nibbles, quantize_weight,
-                          scale_groups, unpack_nibbles)
+from .cpu_int4 import BLOCK, CpuInt4, pack
+from .weight_only import dequantize_int4, dequantize_int8, quantize_weight, scale_groups
 
 # Letters: N output features (rows of W), K input features, G int4 group size, M activation rows;
 # for the embedding E (V, D): V vocab = N, D width = K.
@@ -42,50 +42,6 @@ DECODE_MAX_ROWS = {"int8": 24, "int4": 112}
 # full float copy (0.6 G weights = 1.2 GB in bf16), and an 8 MB bf16 chunk is reused by the allocator
 # where a fresh 40 MB one costs page faults (int8 dense, 64 rows: 11 ms with 2^22, 35 ms with 2^24).
 DENSE_CHUNK = 1 << 22
-
-
-# ---- the CPU int4 kernel's own layout ----
-# torch's CPU packer (`_convert_weight_to_int4pack_for_cpu`) lays the N output rows out in blocks of 64:
-# byte [b, k, i] holds row 64·b + i in its low nibble and row 64·b + 32 + i in its high nibble, column k
-# (read off the packer by probing; `cpu_layout_known` re-checks it in every process, since another ISA
-# build may lay it out otherwise). Where it holds, the packed copy is the only copy an int4 layer keeps:
-# prefill and embedding lookups dequantize from it, and the portable nibbles are rebuilt only to save.
-CPU_BLOCK = 64
-
-
-def cpu_values(packed: torch.Tensor, K: int, rows, dtype: torch.dtype) -> torch.Tensor:
-    """q - 8 (n, K) in `dtype` for some rows (a slice, or an index tensor) of a CPU-packed int4 weight."""
-    p = packed.view(-1, K, CPU_BLOCK // 2)                                      # (N/64, K, 32)
-    if isinstance(rows, slice):
-        start, stop, _ = rows.indices(p.shape[0] * CPU_BLOCK)
-        b0 = start // CPU_BLOCK
-        blocks = p[b0: -(-stop // CPU_BLOCK)]                                   # (nb, K, 32)
-        v = byte_lookup(blocks, byte_table(dtype, p.device, high_first=False))   # (nb, K, 32, 2)
-        v = v.permute(0, 3, 2, 1).reshape(-1, K)                                # (nb·64, K): lows, then highs
-        return v[start - b0 * CPU_BLOCK: stop - b0 * CPU_BLOCK]
-    i = rows % CPU_BLOCK
-    byte = p[rows // CPU_BLOCK, :, i % (CPU_BLOCK // 2)]                        # (n, K)
-    v = byte_lookup(byte, byte_table(dtype, p.device, high_first=False))         # (n, K, 2)
-    return torch.where((i < CPU_BLOCK // 2)[:, None], v[..., 0], v[..., 1])
-
-
-_LAYOUT: dict = {}
-
-
-def cpu_layout_known() -> bool:
-    """Does this build's CPU packer write the layout `cpu_values` reads? Probed once per process."""
-    if "known" not in _LAYOUT:
-        q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-        try:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-            _LAYOUT["known"] = packed.shape == (128, 32) and torch.equal(
-                cpu_values(packed, 64, slice(None), torch.float32), q.float() - 8)
-        except (RuntimeError, NotImplementedError, AttributeError):
-            _LAYOUT["known"] = False
-        if not _LAYOUT["known"]:
-            log.info("nanopali.quant: this torch's CPU int4 layout is not the known one; int4 layers keep "
-                     "their portable copy beside the packed one (~1 byte a weight instead of ~0.5)")
-    return _LAYOUT["known"]
 
 
 # ---- torch's kernels, with one fallback ----
@@ -117,37 +73,24 @@ def _int4_pack(nibbles: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: t
     """The kernel's packed weight and its table of [scale, zero], for this device."""
     K = nibbles.shape[1] * 2
     sz = _sz_table(s, z, dtype)                                                 # (K/G, N, 2)
-    if nibbles.device.type == "cpu":   # the CPU packer takes one int32 per weight; its layout is ISA-specific
-        packed = _cpu_pack(nibbles)
+    if nibbles.device.type == "cpu":   # the CPU packer's layout is ISA-specific: cpu_int4.py
+        packed = pack(nibbles)
     else:                              # tinygemm tiles: inner K tiles of 16, as many as divide K
         tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
         packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), tiles)
     return packed, sz
 
 
-def _cpu_pack(nibbles: torch.Tensor) -> torch.Tensor:
-    """The CPU packer's (N, K/2) bytes. It wants one int32 per weight (8 bytes per stored byte: 2.4 GB for
-    the LM head), so rows are packed a block-aligned slice at a time where its layout is known (each
-    block of 64 rows packs on its own, so the slices concatenate to the whole) and in one call elsewhere."""
-    N, K = nibbles.shape[0], nibbles.shape[1] * 2
-    pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-    if N % CPU_BLOCK or not cpu_layout_known():
-        return pack(unpack_nibbles(nibbles).to(torch.int32), 2)
-    step = max(1, DENSE_CHUNK // K // CPU_BLOCK) * CPU_BLOCK
-    out = torch.empty(N, K // 2, dtype=torch.uint8)
-    for n in range(0, N, step):
-        out[n:n + step] = pack(unpack_nibbles(nibbles[n:n + step]).to(torch.int32), 2)
-    return out
-
-
 class QuantizedWeight(nn.Module):
     """What QuantizedLinear and QuantizedEmbedding share: a weight (N, K) held as buffers
     qweight + scale (+ zero for int4), its dequantization, and x · Wᵀ by the fast or the dense path.
 
-    The buffers are the portable form a checkpoint stores. int4's fast path needs the kernel's packed
-    copy, built on first use; on a CPU whose packed layout is known (see `cpu_values`) it replaces the
-    portable nibbles, which are rebuilt from it only to save, so an int4 layer holds ~0.5 byte a weight
-    (elsewhere both: ~1 byte). int8's kernel reads qweight as it is: 1 byte a weight."""
+    The buffers are the portable form a checkpoint stores. int8's kernel reads qweight as it is: 1 byte a
+    weight. int4's kernel needs its own packed copy. On a CPU whose packed layout is known (cpu_int4.py)
+    that copy is the only one: `_settle` swaps it in for the nibbles when the layer gets its weights (built,
+    loaded, moved or cast; never on first use), so an int4 layer holds ~0.5 byte a weight. Elsewhere the
+    packed copy is built on first use beside the nibbles: ~1 byte. The three state-dict hooks below are the
+    only places that see the swap: a save writes the nibbles back, a load or a move starts from them."""
 
     def _init_buffers(self, scheme: str, group_size: int | None, buffers: dict) -> None:
         self.scheme, self.group_size = scheme, group_size
@@ -156,7 +99,9 @@ class QuantizedWeight(nn.Module):
         self.out_features, self.in_features = N, k * 2 if scheme == "int4" else k   # int4: two per byte
         for name, t in buffers.items():
             self.register_buffer(name, t)
-        self._packed = {}   # (device, dtype) → the int4 kernel's packed copy, built on first use
+        self.cpu_int4: CpuInt4 | None = None   # int4 on a CPU: the kernel's copy, held instead of qweight
+        self._packed = {}   # (device, dtype) → the int4 kernel's (packed weight, [scale, zero] table)
+        self._settle()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -168,9 +113,9 @@ class QuantizedWeight(nn.Module):
         dtype = dtype or self.dtype
         if self.scheme == "int8":
             return dequantize_int8(self.qweight[rows], self.scale[rows], dtype)
-        if self.qweight is None:                                                # only the CPU-packed copy
+        if self.cpu_int4 is not None:
             s, z = self.scale[rows], self.zero[rows]
-            q8 = cpu_values(self._cpu_packed, self.in_features, rows, dtype)   # (n, K)
+            q8 = self.cpu_int4.values(rows, dtype)                              # (n, K)
             return scale_groups(q8.view(s.shape[0], s.shape[1], -1), s, z).view(s.shape[0], -1)
         return dequantize_int4(self.qweight[rows], self.scale[rows], self.zero[rows], dtype)
 
@@ -238,51 +183,60 @@ class QuantizedWeight(nn.Module):
             x.contiguous(), *self._int4_packed(x.dtype)))
 
     def _int4_packed(self, dtype: torch.dtype):
+        """The int4 kernel's operands for activations of `dtype`: (packed weight, group size, table)."""
         key = (self.scale.device, dtype)
         if key not in self._packed:
-            if self.qweight is None:                     # packed for another dtype: the table changes, not q
-                self._packed[key] = (self._cpu_packed, _sz_table(self.scale, self.zero, dtype))
+            if self.cpu_int4 is not None:            # the weight is packed already; the table is per dtype
+                sz = _sz_table(self.scale, self.zero, dtype)
+                if dtype == self.scale.dtype:        # scale and zero: views of the kernel's table, no second copy
+                    self.scale, self.zero = sz[..., 0].t(), sz[..., 1].t()                # (N, K/G) each
+                self._packed[key] = (self.cpu_int4.packed, sz)
             else:
                 self._packed[key] = _int4_pack(self.qweight, self.scale, self.zero, dtype)
-                if (self.scale.device.type == "cpu" and self.out_features % CPU_BLOCK == 0
-                        and cpu_layout_known()):
-                    self._cpu_packed, self.qweight = self._packed[key][0], None
-                    sz = self._packed[key][1]
-                    if sz.dtype == self.scale.dtype:   # scale and zero: views of the kernel's table, no second copy
-                        self.scale, self.zero = sz[..., 0].t(), sz[..., 1].t()               # (N, K/G) each
         packed, sz = self._packed[key]
         return packed, self.group_size, sz
 
-    def prepare(self, dtype: torch.dtype) -> None:
-        """Build the int4 kernel's packed copy for activations of `dtype` now rather than at the first
-        decode step. On a CPU whose layout is known the portable nibbles go (and the scales and zeros,
-        which may be views of a mapped file, are copied out of it), so what a load leaves in memory is
-        what decoding keeps: nothing is freed later in the middle of the heap, where it would stay. The
-        kernel's [scale, zero] table then holds the only copy of the scales and zeros."""
-        if self.scheme != "int4" or self.scale.device.type != "cpu" or self.out_features % CPU_BLOCK:
+    def _settle(self) -> None:
+        """Hold an int4 weight on a CPU as the kernel's packed copy alone where cpu_int4 can (its layout is
+        known, whole blocks of rows), with its [scale, zero] table in the layer's dtype. Scales and zeros
+        that were views of a mapped file become views of that table, so nothing keeps the file's pages."""
+        if self.scheme != "int4" or self.cpu_int4 is not None or self.qweight.is_meta:
             return
-        _, _, sz = self._int4_packed(dtype)
-        if self.qweight is None and sz.dtype != self.scale.dtype:   # else already views of the kernel's table
-            self.scale, self.zero = self.scale.clone(), self.zero.clone()
+        self.cpu_int4 = CpuInt4.from_nibbles(self.qweight)
+        if self.cpu_int4 is not None:
+            self.qweight = None
+            self._int4_packed(self.scale.dtype)
 
-    def _portable_nibbles(self) -> torch.Tensor:
-        q8 = cpu_values(self._cpu_packed, self.in_features, slice(None), torch.float32)
-        return pack_nibbles((q8 + 8).to(torch.uint8))
+    def _unsettle(self) -> None:
+        """Back to the portable nibbles, the kernel's copies dropped: what a move, a cast or a load starts from."""
+        if self.cpu_int4 is not None:
+            self.qweight, self.cpu_int4 = self.cpu_int4.nibbles(), None
+        self._packed = {}
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        """After a loader filled the buffers in place (formats/quantized.py, quant/convert.py): settle, and
+        build the int4 kernel's table for activations of `dtype` now rather than at the first decode step,
+        so that what a load leaves in memory is what decoding keeps (nothing freed later mid-heap)."""
+        if self.scheme != "int4" or self.scale.device.type != "cpu" or self.out_features % BLOCK:
+            return
+        self._settle()
+        self._int4_packed(dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.scheme == "int4" and self.qweight is None:
-            destination[prefix + "qweight"] = self._portable_nibbles()
+        if self.cpu_int4 is not None:   # a checkpoint holds the portable nibbles, never a kernel's layout
+            destination[prefix + "qweight"] = self.cpu_int4.nibbles()
 
     def _apply(self, fn, recurse=True):
-        if self.scheme == "int4" and self.qweight is None:   # a move or cast: back to the portable form
-            self.qweight = self._portable_nibbles()
-        self._packed = {}   # a move or cast invalidates the packed copies
-        return super()._apply(fn, recurse)
+        self._unsettle()
+        out = super()._apply(fn, recurse)
+        self._settle()
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._packed = {}
-        return super()._load_from_state_dict(*args, **kwargs)
+        self._unsettle()
+        super()._load_from_state_dict(*args, **kwargs)
+        self._settle()
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.scheme == "int4" else ""

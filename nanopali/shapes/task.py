@@ -34,7 +34,7 @@ HELD_OUT_SEED = 10_000_000   # training data uses seeds below this, evaluation s
 # nanopali/assets/images/shapes_{1,2,3}.png (sample.py's default image is the first): of the seeds from
 # 20,000,000 on (neither training nor held-out seeds) whose scene has three shapes of three kinds and three
 # colours, the first three the shipped model answers right on caption, count and detection (6 of the
-# first 7 such scenes; it missed a box in 20,000,194). Its held-out rates are in the README.
+# first 7 such scenes; it missed a box in 20,000,194). Its held-out rates are in docs/bundled-model.md.
 BUNDLED_SEEDS = (20_000_276, 20_000_292, 20_000_300)
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 BUNDLED_MODEL = os.path.join(ASSETS, "tiny-shapes")          # the model trained on this task, HF layout

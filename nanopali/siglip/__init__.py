@@ -3,8 +3,9 @@
 PaliGemma uses only SigLIP's image encoder (nanopali/vit.py). This folder adds what the two-tower
 models have besides it, and their checkpoints:
 
-    model.py       the text tower, the attention-pooling (MAP) head, the learned temperature and bias,
-                   the sigmoid loss, presets for every released checkpoint
+    model.py       `TwoTowers` (what SigLIP and MobileCLIP share: normalised embeddings → logits), the
+                   text tower, the attention-pooling (MAP) head, the learned temperature and bias, the
+                   sigmoid loss, presets for every released checkpoint
     naflex.py      SigLIP 2 NaFlex: any aspect ratio, per-image position tables
     processing.py  text and image inputs; zero-shot classification and retrieval embeddings
     checkpoint.py  Hugging Face directories, strictly; a SigLIP 2 tower put into a PaliGemma

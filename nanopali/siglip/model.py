@@ -7,7 +7,7 @@ The image tower is PaliGemma's encoder plus the attention-pooling head PaliGemma
 probe attends over the patch tokens (big_vision `vit.MAPHead`). The text tower is the same block
 stack over tokens (no causal mask), pooled at the *last* position, padding or not, then a linear
 head. SigLIP 2 fixed-resolution checkpoints have exactly this architecture (only the vocab and the
-tokenizer change); its NaFlex variant swaps the image embedding (siglip2.py).
+tokenizer change); its NaFlex variant swaps the image embedding (naflex.py).
 References: transformers `modeling_siglip.SiglipModel`, `modeling_siglip2.Siglip2Model`; big_vision
 `models/proj/image_text/two_towers.py`, `text_transformer.py`, `naflex_vit.py`.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import attention, resolve_impl
+from ..attention import IMPLS, attention
 from ..vit import MLP, EncoderBlock, SigLIPConfig, SigLIPEncoder
 from .naflex import NaFlexViT
 
@@ -29,6 +29,8 @@ from .naflex import NaFlexViT
 
 @dataclass(frozen=True)
 class TextConfig:
+    """SigLIP's text tower: the image tower's pre-LN block, bidirectional, pooled at the last position.
+    (MobileCLIP's `TextConfig`, nanopali/mobileclip/text.py, is another tower: CLIP's, pooled at EOT.)"""
     vocab_size: int = 32000
     width: int = 768
     depth: int = 12
@@ -49,7 +51,7 @@ class SigLIPModelConfig:
     vision: SigLIPConfig = field(default_factory=lambda: SigLIPConfig(768, 12, 3072, 12, 16, 224))
     text: TextConfig = field(default_factory=TextConfig)
     naflex: bool = False
-    """SigLIP 2 NaFlex: patches of any aspect ratio, positions resized per image (siglip2.py). Its
+    """SigLIP 2 NaFlex: patches of any aspect ratio, positions resized per image (naflex.py). Its
     learned table is a square grid; vision.image_size = patch_size · side says which."""
 
 
@@ -106,7 +108,43 @@ class MAPHead(nn.Module):
         return (h + self.mlp(self.norm(h)))[:, 0]
 
 
-class SigLIPModel(nn.Module):
+class TwoTowers(nn.Module):
+    """What SigLIP and MobileCLIP (nanopali/mobileclip) share: two towers, each pooled to one vector,
+    L2-normalised, compared by a scaled cosine: logits = exp(t) · x̂ · ŷ (+ b where the model has one).
+
+    A subclass builds the towers and `logit_scale` (t), sets `logit_bias` (b, a parameter, or None:
+    CLIP has none), and defines `encode_images(pixel_values, **image_inputs)`, `encode_texts(input_ids,
+    attention_mask)` and `label_probabilities`, how zero-shot reads one image's logits. The attention
+    layers of both towers keep an `attn_impl`, which `attn_impl` below sets."""
+
+    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(I, E), (J, E) L2-normalised embeddings → logits (I, J) = exp(t) · cos (+ b)."""
+        z = image_embeds @ text_embeds.T * self.logit_scale.exp()
+        return z if self.logit_bias is None else z + self.logit_bias
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask=None,
+                **image_inputs) -> torch.Tensor:
+        """Logits (I, J) of every image against every text (transformers' `logits_per_image`, open_clip
+        `get_logits`): `model(**processor(images=..., texts=...))`. image_inputs: NaFlex's patch_mask, grid_hw."""
+        x = F.normalize(self.encode_images(pixel_values, **image_inputs), dim=-1)
+        y = F.normalize(self.encode_texts(input_ids, attention_mask), dim=-1)
+        return self.logits(x, y)
+
+    @property
+    def attn_impl(self) -> str:
+        """Which attention the towers run (nanopali/attention.py `attention`'s impl); "auto" by default."""
+        return next(m.attn_impl for m in self.modules() if m is not self and hasattr(m, "attn_impl"))
+
+    @attn_impl.setter
+    def attn_impl(self, impl: str) -> None:
+        if impl not in IMPLS:
+            raise ValueError(f"attn_impl must be one of {IMPLS}, got {impl!r}")
+        for m in self.modules():
+            if m is not self and hasattr(m, "attn_impl"):
+                m.attn_impl = impl
+
+
+class SigLIPModel(TwoTowers):
     def __init__(self, cfg: SigLIPModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -118,21 +156,12 @@ class SigLIPModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
 
-    @property
-    def attn_impl(self) -> str:
-        return self.text_tower.attn_impl
-
-    @attn_impl.setter
-    def attn_impl(self, impl: str) -> None:
-        resolve_impl(impl, torch.device("cpu"), None)  # validates the name
-        self.vision_tower.attn_impl = self.text_tower.attn_impl = impl
-
     def encode_images(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None,
                       grid_hw: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled image features (I, E), not normalised (transformers' `get_image_features`).
 
         Fixed resolution: pixel_values (I, 3, S, S). NaFlex: patches (I, P, 3·p·p), patch_mask (I, P)
-        and grid_hw (I, 2), as `SigLIPProcessor` makes them (`siglip2.patchify`)."""
+        and grid_hw (I, 2), as `SigLIPProcessor` makes them (`naflex.patchify`)."""
         if self.cfg.naflex != (patch_mask is not None and grid_hw is not None):
             raise ValueError("patch_mask and grid_hw go with the patches of a NaFlex model, and only there "
                              f"(this model {'is' if self.cfg.naflex else 'is not'} NaFlex)")
@@ -143,15 +172,9 @@ class SigLIPModel(nn.Module):
         """Pooled text features (J, E), not normalised (transformers' `get_text_features`)."""
         return self.text_tower(input_ids, attention_mask)
 
-    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """(I, E), (J, E) L2-normalised embeddings → logits (I, J) = exp(t') · cos + b."""
-        return image_embeds @ text_embeds.T * self.logit_scale.exp() + self.logit_bias
-
-    def forward(self, pixel_values, input_ids, attention_mask=None, patch_mask=None, grid_hw=None) -> torch.Tensor:
-        """Logits (I, J) of every image against every text (transformers' `logits_per_image`)."""
-        x = F.normalize(self.encode_images(pixel_values, patch_mask, grid_hw), dim=-1)
-        y = F.normalize(self.encode_texts(input_ids, attention_mask), dim=-1)
-        return self.logits(x, y)
+    def label_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Zero-shot: each label's own sigmoid (the loss below: labels do not compete)."""
+        return torch.sigmoid(logits)
 
 
 def sigmoid_loss(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,5 +233,5 @@ def siglip_preset(name: str) -> SigLIPModelConfig:
     return SIGLIP_PRESETS[name]
 
 
-__all__ = ["TextConfig", "SigLIPModelConfig", "SigLIPModel", "TextTower", "MAPHead", "sigmoid_loss",
+__all__ = ["TextConfig", "SigLIPModelConfig", "TwoTowers", "SigLIPModel", "TextTower", "MAPHead", "sigmoid_loss",
            "SIGLIP_PRESETS", "siglip_preset"]

@@ -6,8 +6,8 @@ the pad id to exactly L = 64 (the text tower's positions; the models were traine
 pool the last position, so the padding is part of the input). SigLIP's tokenizer is spiece.model
 (T5's English vocab: pad = EOS = `</s>`), SigLIP 2's is Gemma's tokenizer.model (pad 0, EOS 1).
 Images, fixed resolution (transformers `SiglipImageProcessor`, PIL backend): RGB → resize to S×S with
-the checkpoint's PIL filter → ×1/255 → (x - mean) / std. NaFlex: the same at the size `siglip2.naflex_size`
-picks, then `siglip2.patchify`. Zero-shot classification is transformers' pipeline: each label in
+the checkpoint's PIL filter → ×1/255 → (x - mean) / std. NaFlex: the same at the size `naflex.naflex_size`
+picks, then `naflex.patchify`. Zero-shot classification is transformers' pipeline: each label in
 "This is a photo of {}.", probabilities = sigmoid(logits), not a softmax: labels do not compete.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..processing import InputError, load_image, load_sentencepiece, to_rgb
+from ..formats.images import InputError, load_image, to_rgb
+from ..processing import load_sentencepiece
 from .model import SigLIPModel
 from .naflex import naflex_size, patchify
 
@@ -191,7 +192,5 @@ def zero_shot(model: SigLIPModel, processor: SigLIPProcessor, image, labels: Seq
     x = embed_images(model, processor, [image])
     y = embed_texts(model, processor, [template.format(label) for label in labels])
     logits = model.logits(x, y.to(x.dtype)).float()
-    # A two-tower model trained with a softmax over candidates (MobileCLIP) says so by its own rule.
-    rule = getattr(model, "label_probabilities", torch.sigmoid)
-    probs = rule(logits)[0].tolist()
+    probs = model.label_probabilities(logits)[0].tolist()   # each model's own rule (`TwoTowers`)
     return sorted(zip(labels, probs), key=lambda lp: -lp[1])

@@ -112,7 +112,7 @@ def load_examples(source, processor: Processor, max_seq_len: int | None = None, 
             ex = _parse(record, where, base_dir)
             for im in ex.images:
                 load_image(im)
-            prompt = processor.prompt_ids(ex.prefix, len(ex.images))
+            prompt = processor.prefix_ids(ex.prefix, len(ex.images))
             ex.num_targets = len(processor.suffix_ids(ex.suffix))
             ex.num_tokens = len(prompt) + ex.num_targets
             if max_seq_len is not None and ex.num_tokens > max_seq_len:

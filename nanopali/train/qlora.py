@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..config import PaliGemmaConfig
 from ..model import PaliGemma
-from ..quant import QuantizedEmbedding, QuantizedLinear, quantize_model, quantized_skeleton, save_quantized
+from ..quant import QuantizedEmbedding, QuantizedLinear, quantize_model, quantized_skeleton
 from .lora import LoRALinear, apply_lora, load_adapters, save_adapters
 
 ADAPTER_DIR = "lora"   # export_quantized's adapters, as train.py writes <out-dir>/lora
@@ -108,9 +108,11 @@ def export_quantized(model: PaliGemma, out_dir: str, tokenizer_path: str | None 
     reads it, int8 / int4 as it was) and the adapters unmerged in out_dir/lora (lora.save_adapters).
     Merging into the quantized weights would quantize W + B A again and lose what the adapters learned
     below one quantization step; `load_quantized` puts them back on top instead."""
+    from ..formats import save_checkpoint
+
     base = quantized_skeleton(model.cfg, model.quantization["scheme"], model.quantization["group_size"])
     base.load_state_dict(base_state(model), strict=True, assign=True)
-    save_quantized(base, out_dir, tokenizer_path)
+    save_checkpoint(base, out_dir, tokenizer_path)
     if getattr(model, "lora_config", None) is not None:
         save_adapters(model, os.path.join(out_dir, ADAPTER_DIR))
 

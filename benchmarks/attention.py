@@ -6,7 +6,7 @@ without Gemma 2's soft-cap (c = 50); forward, and forward + backward. SDPA has n
 soft-cap rows are empty. TF/s count only allowed (unmasked) pairs: the forward does 4·H flops per
 pair and query head (q·kᵀ and p·v), the backward 2.5 times that.
 
-    python bench_attention.py [--lengths 288 1056 4128] [--tokens 8192]
+    python bench.py attention [--lengths 288 1056 4128] [--tokens 8192]
 
 Without CUDA it runs one tiny case through Triton's interpreter, checks it and says so.
 """
