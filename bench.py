@@ -15,7 +15,7 @@ decode tokens/s at batch 1 and 4 (every run decodes the same count), peak CUDA m
 transformers runs with its default attention for the model (PaliGemma 1: sdpa, PaliGemma 2: eager)
 and its default dynamic cache.
 
---full (issue 15, "fast on the machine a reader has"): the 3B model at full depth, written to disk as a
+--full: the 3B model at full depth, written to disk as a
 random bf16 checkpoint without ever being built in memory (benchmarks/random_checkpoint.py; --keep DIR
 caches it). Per mode, a pair is loaded, timed in interleaved rounds (median of --repeats) and freed
 before the next: bf16 (transformers vs nanopali), int8 and int4 (torchao's weight-only quantization of
@@ -271,7 +271,6 @@ def set_up_machine(threads: int | None) -> str:
     and return the line naming this machine that heads every result: a number means little without it."""
     from benchmarks import machine
     from nanopali.cpu.machine import set_threads
-
     n, note = set_threads(threads)
     if note:
         print(f"--threads: {note}", file=sys.stderr, flush=True)

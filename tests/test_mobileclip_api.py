@@ -26,7 +26,7 @@ from nanopali.mobileclip.checkpoint import config_from_open_clip
 from nanopali.mobileclip.model import OPENAI_MEAN, OPENAI_STD
 from nanopali.mobileclip.processing import shortest_side_crop
 from nanopali.processing import InputError
-from tolerance import assert_rounding_close
+from tolerance import assert_rounding_close, module_terms, rounding_bound
 from test_bad_inputs import _raises
 
 OPEN_CLIP_CONFIG = {  # open_clip's MobileCLIP2-S0 config with a small text tower (its fields, its names)
@@ -276,7 +276,7 @@ def test_preprocessing_values_that_cannot_normalise_an_image_are_refused_at_load
 def test_a_causal_text_tower_pools_a_feature_no_later_token_can_change(causal):
     """MobileCLIP2-B keeps CLIP's causal mask, so the feature pooled at EOT cannot read the pads after it;
     S0–S4 and L-14 attend both ways, and there it does. Masked keys add exact zeros to the softmax, while
-    a key that leaks moves the feature by ~0.1 with these weights: 1e-6 separates the two."""
+    a key that leaks moves the feature by ~0.1 with these weights: far past fp32 rounding (tests/tolerance.py)."""
     from nanopali.mobileclip.text import TextConfig, TextTransformer
     torch.manual_seed(0)
     tower = TextTransformer(TextConfig(vocab_size=50, context_length=8, width=16, num_heads=2, depth=2,
@@ -286,5 +286,6 @@ def test_a_causal_text_tower_pools_a_feature_no_later_token_can_change(causal):
     ids = torch.tensor([[48, 5, 6, 49, 0, 0, 0, 0]])   # [SOT] a b [EOT] pads (EOT is the largest id)
     later = ids.clone()
     later[0, 4:] = 7
+    bound = rounding_bound(torch.float32, tower(ids).abs().max().item(), module_terms(tower) + 8)
     moved = (tower(ids) - tower(later)).abs().max().item()
-    assert moved < 1e-6 if causal else moved > 1e-3
+    assert moved <= bound if causal else moved > 100 * bound
