@@ -32,6 +32,7 @@ from nanopali.formats.hf import read_quantization
 from nanopali.formats.hf_config import from_hf_config, read_paligemma_config
 from nanopali.config import PRESETS, preset
 from nanopali.train.data import DataError, DataOrder, collate, load_examples
+from nanopali.datasets import source_from_args
 from nanopali.train.cost import estimate_memory, peak_flops
 from nanopali.train.progress import Progress
 from nanopali.train.run_dir import RunError
@@ -174,8 +175,9 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
     cfg, tok = model_config(args)
     processor = Processor.for_model(tok, cfg)
     max_seq_len = args.max_seq_len or cfg.text.max_positions
-    data = load_examples(args.data, processor, max_seq_len, args.skip_bad)   # before the model: fail fast
-    evals = load_examples(args.eval_data, processor, max_seq_len, args.skip_bad) if args.eval_data else None
+    data = load_examples(source_from_args(args, args.data), processor, max_seq_len, args.skip_bad)  # before the model
+    evals = load_examples(source_from_args(args, args.eval_data, evaluation=True), processor, max_seq_len,
+                          args.skip_bad) if args.eval_data else None
     for name, ds in (("train", data), ("eval", evals)):
         if ds is not None and ds.skipped:
             say(f"skipped {len(ds.skipped)} bad {name} example(s):\n  " + "\n  ".join(ds.skipped[:10]))

@@ -93,6 +93,7 @@ def test_allowed_changes_apply_and_are_kept_in_the_history(setup, tmp_path, monk
     (["--batch-size", "3"], "--batch-size: 2 then, 3 now"),
     (["--seed", "5"], "--seed: 0 then, 5 now"),
     (["--trainable", "lora"], "--trainable: 'all' then, 'lora' now"),
+    (["--data-format", "jsonl"], "--data-format: 'auto' then, 'jsonl' now"),   # how --data is read: its examples
 ])
 def test_resume_refuses_flags_that_change_which_examples_a_step_sees_or_what_trains(setup, tmp_path, capsys, flags,
                                                                                      named):

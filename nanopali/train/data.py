@@ -1,4 +1,4 @@
-"""Fine-tuning data: JSONL (or in-memory) examples → validated examples → prefix-LM batches.
+"""Fine-tuning data: JSONL, other datasets (or in-memory) examples → validated examples → prefix-LM batches.
 
 One example is an image (or a list of images), a prefix (the task prompt: "caption en", "detect cat")
 and a suffix (the target text), as big_vision's transfer configs and transformers' processor take them
@@ -6,30 +6,31 @@ and a suffix (the target text), as big_vision's transfer configs and transformer
 
     {"image": "imgs/0001.jpg", "prefix": "detect cat", "suffix": "<loc0100><loc0200><loc0900><loc0800> cat"}
 
-Relative image paths are relative to the JSONL file; "image" may be a list for multi-image prompts.
-In a notebook the same dicts may be passed as a list, with PIL images in place of paths. Every example
-is checked before training (keys, image readable, length within max_seq_len) and bad ones are reported
-with their line number; training stops there unless skip_bad, which drops them and counts them.
+Relative image paths are relative to the JSONL file; "image" may be a list for multi-image prompts; an
+optional "references" list (all captions, all answers, the box) is kept for scoring. Other datasets
+(Hugging Face, COCO, VQA, RefCOCO, YOLO) arrive as a `nanopali.datasets.DataSource`, whose readers turn
+rows into the same records (docs/datasets.md). In a notebook the same dicts may be passed as a list,
+with PIL images in place of paths. Every example is checked before training (keys, image readable,
+length within max_seq_len) and bad ones are reported with their line number (or row, or id); training
+stops there unless skip_bad, which drops them and counts them.
 
 Which examples a step reads is a pure function of (seed, step), so the data order needs no state
 of its own to resume exactly: see `DataOrder`.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
+from ..datasets import DataError, DataSource, read
+from ..datasets.jsonl import read_jsonl
 from ..processing import InputError, Processor, load_image
 
 REQUIRED_KEYS = ("image", "prefix", "suffix")
-
-
-class DataError(ValueError):
-    """Bad training data; the message lists every bad line (file:line: what is wrong)."""
+__all__ = ["DataError", "DataOrder", "DataSource", "Dataset", "Example", "collate", "load_examples"]
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Example:
     where: str                   # "train.jsonl:12" or "examples[3]", for messages
     num_targets: int = 0         # supervised tokens: suffix + EOS
     num_tokens: int = 0          # sequence length: image tokens + BOS + prefix + \n + suffix + EOS
+    references: list | None = None   # what scoring compares with, when more than the suffix (docs/datasets.md)
 
 
 @dataclass
@@ -70,37 +72,31 @@ def _parse(record, where: str, base_dir: str | None) -> Example:
         if not isinstance(im, (str, Image.Image)):
             raise InputError(f"'image' must be a path or a PIL image (or a list of them), got {type(im).__name__}")
         resolved.append(im)
-    return Example(resolved, record["prefix"], record["suffix"], where)
+    references = record.get("references")
+    if references is not None and not isinstance(references, list):
+        raise InputError(f"'references' must be a list, got {type(references).__name__}")
+    return Example(resolved, record["prefix"], record["suffix"], where, references=references)
 
 
 def _records(source):
-    """(where, record or the exception that stopped its parsing) for a JSONL path or a list of dicts."""
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise DataError(f"Data file not found: {path}")
-        with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is named with its line
-            for i, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield f"{path}:{i}", InputError(f"not valid UTF-8 (byte {raw[e.start]:#04x} at column "
-                                                    f"{e.start + 1})"), None
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{i}", json.loads(line), os.path.dirname(os.path.abspath(path))
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{i}", InputError(f"not valid JSON ({e.msg} at column {e.colno})"), None
+    """(where, record or the exception that stopped its parsing, base_dir) for a JSONL path, a
+    DataSource or a list of dicts."""
+    if isinstance(source, DataSource):
+        try:
+            yield from read(source)
+        except InputError as e:  # a reader's row error that escaped its row: still one clean message
+            raise DataError(f"{source.path}: {e}") from None
+    elif isinstance(source, (str, os.PathLike)):
+        yield from read_jsonl(source)
     else:
         for i, record in enumerate(source):
             yield f"examples[{i}]", record, None
 
 
 def load_examples(source, processor: Processor, max_seq_len: int | None = None, skip_bad: bool = False) -> Dataset:
-    """Parse and validate every example of a JSONL file or a list of dicts (every image is decoded
-    once, so a truncated file is caught here and not at step 10,000).
+    """Parse and validate every example of a JSONL file (a path), a `DataSource` (any format of
+    nanopali.datasets) or a list of dicts (every image is decoded once, so a truncated file is caught
+    here and not at step 10,000).
 
     Bad examples raise one DataError listing them all (up to 20) with their line numbers, or are
     dropped and listed in `Dataset.skipped` when skip_bad."""
@@ -127,7 +123,8 @@ def load_examples(source, processor: Processor, max_seq_len: int | None = None, 
         shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise DataError(f"{len(bad)} bad example(s) (fix them, or pass --skip-bad to drop them):\n  {shown}")
     if not good:
-        raise DataError(f"No usable examples in {source if isinstance(source, str) else 'the example list'}")
+        name = source.path if isinstance(source, DataSource) else source if isinstance(source, str) else None
+        raise DataError(f"No usable examples in {name or 'the example list'}")
     return Dataset(good, bad)
 
 

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from ..datasets import add_arguments as add_dataset_arguments
 from ..config import PRESETS
 from ..quant.weight_only import INT4_GROUP_SIZES
 from . import finetune
@@ -38,9 +39,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    f"scratch), a config.json or a preset name ({', '.join(list(PRESETS)[:2])}, ...)")
     g.add_argument("--tokenizer", help="tokenizer.model for a random --init (a checkpoint brings its own; "
                    "--estimate-memory needs none)")
-    g.add_argument("--data", help="training JSONL: one {\"image\", \"prefix\", \"suffix\"} object a line; image "
-                   "paths relative to the file; \"image\" may be a list")
-    g.add_argument("--eval-data", help="held-out JSONL, same format")
+    g.add_argument("--data", help="training data: JSONL of {\"image\", \"prefix\", \"suffix\"} objects (image paths "
+                   "relative to the file; \"image\" may be a list), or a Hugging Face / COCO / VQA / RefCOCO / YOLO "
+                   "dataset read by the flags below (docs/datasets.md)")
+    g.add_argument("--eval-data", help="held-out data, any format, read with the same flags")
+    add_dataset_arguments(g, with_eval=True)
     g.add_argument("--out-dir", default="runs/finetune", help="run directory: checkpoints/, run.json, the final model")
     g.add_argument("--max-seq-len", type=int, help="longest sequence (image tokens + prefix + suffix + EOS); longer "
                    "examples are bad lines, named with file and line. None: the model's positions (8192)")

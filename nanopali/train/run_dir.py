@@ -23,6 +23,7 @@ import socket
 import time
 
 from ..formats.files import atomic_write
+from ..datasets.source import SOURCE_FLAGS
 
 
 class RunError(RuntimeError):
@@ -35,7 +36,9 @@ LEFTOVER = re.compile(r".*\.(tmp|old)\d+$")
 # are a function of seed, data, batch and accumulation), the parameters and their optimizer state.
 FIXED = ("init", "tokenizer", "data", "seed", "batch_size", "grad_accum", "max_seq_len", "skip_bad", "trainable",
          "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "trainable_dtype", "frozen_dtype", "precision",
-         "loss_normalization", "parallel", "quantize_base", "quantize_group_size")
+         "loss_normalization", "parallel", "quantize_base", "quantize_group_size",
+         # how --data is read (format, split, columns, prompt...): they decide what the examples are
+         *(k for k in SOURCE_FLAGS if not k.startswith("eval_")))
 # The optimiser's settings: a change is allowed when named (--allow-changed lr,max_steps).
 ADJUSTABLE = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "max_steps",
               "skip_nonfinite", "grad_checkpointing", "attn_impl")
