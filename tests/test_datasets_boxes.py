@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from nanopali.datasets import DataError, DataSource
-from nanopali.datasets.common import loc_tokens
+from nanopali.tasks.detection import box_to_locs
 from nanopali.datasets.yolo import parse_yaml
 from nanopali.tasks.detection import parse_detections
 from nanopali.train.data import load_examples
@@ -22,7 +22,7 @@ def test_integer_pixel_boxes_come_back_exactly_from_the_decoder():
         for _ in range(50):
             x0, x1 = sorted(rng.choice(w, 2, replace=False))    # x1 < w: the far edge is the next test's
             y0, y1 = sorted(rng.choice(h, 2, replace=False))
-            [det] = parse_detections(loc_tokens((x0, y0, x1, y1), w, h) + " thing", w, h)
+            [det] = parse_detections(box_to_locs((x0, y0, x1, y1), w, h) + " thing", w, h)
             assert det.box == (x0, y0, x1, y1) and det.label == "thing"
 
 
@@ -35,7 +35,7 @@ def test_any_box_comes_back_within_one_bin_and_half_a_pixel():
             x0, x1 = sorted(rng.uniform(0, w, 2))
             y0, y1 = sorted(rng.uniform(0, h, 2))
             box = (x0, y0, w if rng.random() < 0.2 else x1, y1)
-            [det] = parse_detections(loc_tokens(box, w, h) + " thing", w, h)
+            [det] = parse_detections(box_to_locs(box, w, h) + " thing", w, h)
             assert np.all(np.abs(np.subtract(det.box, box)) <= np.array([w, h, w, h]) / 1024 + 0.5)
 
 

@@ -14,8 +14,9 @@ import re
 from collections import defaultdict
 
 from ..formats.images import InputError
+from ..tasks.detection import box_to_locs
 from .common import (DataError, check_fields, check_label, detection_suffix, fill, find_image, image_dirs,
-                     image_size, loc_tokens, read_json, xywh_box)
+                     image_size, read_json, xywh_box)
 
 
 def coco_kind(obj, path: str) -> str:
@@ -124,7 +125,7 @@ def instance_records(source, parsed=None):
                     raise InputError(f"annotation {a.get('id')}: category_id {a.get('category_id')!r} is not in "
                                      "'categories'")
                 box = xywh_box(a.get("bbox"), w, h, f"annotation {a.get('id')} bbox")
-                objects.append((label, box, loc_tokens(box, w, h)))
+                objects.append((label, box, box_to_locs(box, w, h)))
         except InputError as e:
             yield where, e
             continue

@@ -4,8 +4,7 @@ A reader turns a file into records {"image", "prefix", "suffix", "references"} (
 problem with the whole file (missing, not JSON, the wrong kind) is a `DataError` raised at once; a
 problem with one row (missing image, box outside the image, no answers) is an `InputError` handed on
 with the row's name, so `train.data.load_examples` lists every bad row together, as it does for JSONL.
-Boxes are encoded as the bundled model's `nanopali.shapes.task.loc_bin` does, the inverse of
-`tasks/detection.py`'s default decoding round(bin / 1024 · side) (docs/boxes-and-masks.md#detection).
+Boxes are encoded by `tasks/detection.py`'s `box_to_locs`, the inverse of its default decoding round(bin / 1024 · side) (docs/boxes-and-masks.md#detection).
 """
 from __future__ import annotations
 
@@ -95,14 +94,6 @@ def pixel_box(box, width: int, height: int, name: str) -> tuple[float, float, fl
     if x0 < -BOX_SLACK or y0 < -BOX_SLACK or x1 > width + BOX_SLACK or y1 > height + BOX_SLACK:
         raise InputError(f"{name} is outside the {width}x{height} image")
     return max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
-
-
-def loc_tokens(box, width: int, height: int) -> str:
-    """(x0, y0, x1, y1) pixels → "<locY0><locX0><locY1><locX1>": y first, 1024 bins of each side."""
-    x0, y0, x1, y1 = box
-    bins = [min(1023, max(0, round(c / side * 1024))) for c, side in ((y0, height), (x0, width),
-                                                                      (y1, height), (x1, width))]
-    return "".join(f"<loc{b:04d}>" for b in bins)
 
 
 def detection_suffix(objects, classes: list[str]):

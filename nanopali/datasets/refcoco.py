@@ -19,7 +19,8 @@ import os
 from PIL import Image
 
 from ..formats.images import InputError
-from .common import (DataError, check_fields, check_label, fill, find_image, image_dirs, image_size, loc_tokens,
+from ..tasks.detection import box_to_locs
+from .common import (DataError, check_fields, check_label, fill, find_image, image_dirs, image_size,
                      read_json, xywh_box)
 
 # refer's layout: data/refcoco/refs.json beside instances.json, images in data/images/mscoco/images/train2014
@@ -110,7 +111,7 @@ def _refs(source, refs: list, dirs, prompt: str):
 
 def _examples(where, image, box, w, h, texts, row, prompt, which) -> list:
     """(where, record) per expression of one referred object ("first": the first expression only)."""
-    locs, each = loc_tokens(box, w, h), which != "first" and len(texts) > 1
+    locs, each = box_to_locs(box, w, h), which != "first" and len(texts) > 1
     return [(f"{where} expression {k + 1}" if each else where, {
         "image": image, "prefix": fill(prompt, {**row, "expression": text}), "suffix": f"{locs} {text}",
         "references": list(box)}) for k, text in enumerate(texts if which != "first" else texts[:1])]

@@ -13,7 +13,8 @@ import os
 
 from ..formats.images import InputError
 from .coco import check_classes, detection_record
-from .common import DataError, check_fields, check_label, image_size, loc_tokens, pixel_box
+from ..tasks.detection import box_to_locs
+from .common import DataError, check_fields, check_label, image_size, pixel_box
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
@@ -37,7 +38,7 @@ def records(source, parsed=None):
             w, h = image_size(image)
             objects = []
             for label_name, box in _boxes(label, names, w, h):
-                objects.append((label_name, box, loc_tokens(box, w, h)))
+                objects.append((label_name, box, box_to_locs(box, w, h)))
         except InputError as e:
             yield where, e
             continue

@@ -10,12 +10,12 @@ Data flows task → pretrain → train.py recipes/tiny_shapes.py → nanopali/as
 """
 from .task import (KINDS, COLOURS, NUMBERS, HELD_OUT_SEED, BUNDLED_SEEDS, ASSETS, BUNDLED_MODEL, SUPERSAMPLE, GRID,
                    MARGIN, IMAGE_SIZE, RENDER_SIZE, Shape, Scene, make_scene, boxes_near, caption, count,
-                   colour_questions, loc_bin, detect, detect_prompt, examples, kind_count_examples, PROMPT_SETS,
+                   colour_questions, detect, detect_prompt, examples, kind_count_examples, PROMPT_SETS,
                    scene_image, write_jsonl,
                    train_tokenizer, score, evaluate)
 
 __all__ = ['KINDS', 'COLOURS', 'NUMBERS', 'HELD_OUT_SEED', 'BUNDLED_SEEDS', 'ASSETS', 'BUNDLED_MODEL', 'SUPERSAMPLE',
            'GRID', 'MARGIN', 'IMAGE_SIZE', 'RENDER_SIZE', 'Shape', 'Scene', 'make_scene', 'boxes_near', 'caption',
-           'count', 'colour_questions', 'loc_bin', 'detect', 'detect_prompt', 'examples', 'kind_count_examples',
+           'count', 'colour_questions', 'detect', 'detect_prompt', 'examples', 'kind_count_examples',
            'PROMPT_SETS', 'scene_image', 'write_jsonl',
            'train_tokenizer', 'score', 'evaluate']

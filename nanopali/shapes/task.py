@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..tasks.detection import box_to_locs
+
 KINDS = ("circle", "square", "triangle")
 COLOURS = {"red": (215, 45, 45), "green": (45, 165, 70), "blue": (45, 85, 220), "yellow": (235, 200, 35),
            "purple": (145, 65, 195)}
@@ -143,23 +145,13 @@ def colour_questions(scene: Scene) -> dict[str, str]:
     return {f"answer en what color is the {s.kind}?": s.colour for s in scene.shapes if kinds.count(s.kind) == 1}
 
 
-def loc_bin(coord: float, side: int) -> int:
-    """Pixel coordinate → one of 1024 bins, the inverse of detection.py's decoding round(bin/1024·side):
-    decoding gives the pixel back exactly, except at the far edge (bin 1023 decodes to side·1023/1024,
-    under one pixel short for side ≤ 1024). big_vision encodes round(coord/side·1023) and decodes with
-    /1023: the same pairing idea, 0.1 % apart (docs/boxes-and-masks.md#detection)."""
-    return min(1023, max(0, round(coord / side * 1024)))
-
-
 def detect(scene: Scene, kinds=KINDS) -> str:
     """Boxes of the shapes of `kinds`, `<locY0><locX0><locY1><locX1> kind` joined by ' ; ', in the
     order of KINDS, then top to bottom, left to right. Empty when none of `kinds` is in the image."""
     out = []
     for s in sorted((s for s in scene.shapes if s.kind in kinds), key=lambda s: (KINDS.index(s.kind), s.box[1],
                                                                                s.box[0])):
-        x0, y0, x1, y1 = s.box
-        locs = "".join(f"<loc{loc_bin(c, scene.size):04d}>" for c in (y0, x0, y1, x1))
-        out.append(f"{locs} {s.kind}")
+        out.append(f"{box_to_locs(s.box, scene.size, scene.size)} {s.kind}")
     return " ; ".join(out)
 
 

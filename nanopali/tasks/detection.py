@@ -32,6 +32,21 @@ class Detection:
         return {"label": self.label, "box": list(self.box), "bins": list(self.bins)}
 
 
+def loc_bin(coord: float, side: int) -> int:
+    """Pixel coordinate → one of 1024 bins, the inverse of the default decoding round(bin/1024·side):
+    decoding gives the pixel back exactly, except at the far edge (bin 1023 decodes to side·1023/1024,
+    under one pixel short for side ≤ 1024). big_vision encodes round(coord/side·1023) and decodes with
+    /1023: the same pairing idea, 0.1 % apart (docs/boxes-and-masks.md#detection)."""
+    return min(1023, max(0, round(coord / side * 1024)))
+
+
+def box_to_locs(box, width: int, height: int) -> str:
+    """(x0, y0, x1, y1) pixels → "<locY0><locX0><locY1><locX1>": y first, as the model writes boxes."""
+    x0, y0, x1, y1 = box
+    return "".join(f"<loc{loc_bin(c, side):04d}>" for c, side in ((y0, height), (x0, width), (y1, height),
+                                                                    (x1, width)))
+
+
 def bins_to_box(bins, width: int, height: int, divisor: int = 1024):
     """(y0, x0, y1, x1) bins → (x0, y0, x1, y1) pixels."""
     y0, x0, y1, x1 = bins
