@@ -4,7 +4,8 @@
     python classify.py --checkpoint DIR --image cat.jpg --labels-file labels.txt --top 5 --json
 
 DIR is a Hugging Face SigLIP or SigLIP 2 directory (google/siglip-*, google/siglip2-*, NaFlex too), or
-an open_clip MobileCLIP / MobileCLIP2 directory (open_clip_config.json, docs/mobileclip.md).
+an open_clip MobileCLIP / MobileCLIP2 directory (open_clip_config.json, docs/mobileclip.md), or the
+hub name of either (timm/MobileCLIP2-S0-OpenCLIP: docs/checkpoints.md#by-hub-name).
 Each label goes into --template ("This is a photo of {}.", transformers' pipeline default). SigLIP gives
 each its own probability sigmoid(logit): they do not sum to 1, and an image can fit several labels or
 none. MobileCLIP2, trained with a softmax over candidates, gives a softmax over the labels.
@@ -19,7 +20,9 @@ import sys
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="SigLIP / SigLIP 2 / MobileCLIP2 directory")
+    p.add_argument("--checkpoint", required=True, help="SigLIP / SigLIP 2 / MobileCLIP2 directory, or hub name "
+                   "(google/siglip2-base-patch16-224, timm/MobileCLIP2-S0-OpenCLIP)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --checkpoint (default main)")
     p.add_argument("--image", required=True, action="append", help="image path (repeatable)")
     p.add_argument("--labels", help="comma-separated labels")
     p.add_argument("--labels-file", help="one label per line (for labels with commas)")
@@ -71,6 +74,7 @@ def read_labels_file(path: str) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from nanopali.formats.files import resolve_device
+    from nanopali.formats.hub import local_path
     from nanopali.processing import InputError
     from nanopali.mobileclip import is_mobileclip_dir, load_mobileclip
     from nanopali.siglip import load_siglip, zero_shot
@@ -82,8 +86,9 @@ def main(argv=None) -> int:
         raise InputError(f"--top must be ≥ 1, got {args.top}")
     device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    load = load_mobileclip if is_mobileclip_dir(args.checkpoint) else load_siglip
-    model, processor = load(args.checkpoint, dtype=dtype, device=device)
+    ckpt = local_path(args.checkpoint, "classify", args.revision)  # a hub name: its snapshot in the hub cache
+    load = load_mobileclip if is_mobileclip_dir(ckpt) else load_siglip
+    model, processor = load(ckpt, dtype=dtype, device=device)
     for path in args.image:
         ranked = zero_shot(model, processor, path, labels, args.template)[: args.top]
         if args.json:

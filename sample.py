@@ -3,6 +3,7 @@
     python sample.py                     # the bundled tiny model on a bundled image: caption, count, boxes
     python sample.py --image my.png      # the bundled model on your image (it knows only nanopali.shapes)
     python sample.py --checkpoint DIR --image cat.jpg --prompt "caption en"
+    python sample.py --checkpoint google/paligemma2-3b-mix-224 --image cat.jpg   # by hub name: docs/checkpoints.md
     python sample.py --checkpoint DIR --image cat.jpg --prompt "detect cat ; dog" --out boxes.png
     python sample.py --checkpoint DIR --image a.jpg --image b.jpg --multi --prompt "answer en same?"
 
@@ -40,7 +41,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=TASKS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="Hugging Face PaliGemma directory (config.json, tokenizer.model, "
-                   "*.safetensors); default: the bundled tiny model")
+                   "*.safetensors) or hub name (google/paligemma2-3b-pt-224: fetched into the Hugging Face "
+                   "cache); default: the bundled tiny model")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub --checkpoint (default main)")
     p.add_argument("--image", action="append", help="image path (repeatable); a JPEG's EXIF orientation is "
                    "applied, so the model sees the image as a viewer shows it")
     p.add_argument("--prompt", action="append", help="task prompt (repeatable: one per image, one for all images, "
@@ -83,10 +86,12 @@ def main(argv=None) -> int:
     import nanopali
     from nanopali.cpu import machine
     from nanopali.formats.files import resolve_device, resolve_dtype
-    from nanopali.tasks.detection import draw_detections, parse_detections
+    from nanopali.formats.hub import local_path
+    from nanopali.tasks.answers import answer_fields, read_answer
+    from nanopali.tasks.detection import draw_detections
     from nanopali.generate import generate
     from nanopali.processing import load_image
-    from nanopali.tasks.segmentation import MaskDecoder, draw_segmentations, segment
+    from nanopali.tasks.segmentation import MaskDecoder, draw_segmentations
 
     ckpt = args.checkpoint
     if ckpt is None:
@@ -120,6 +125,7 @@ def main(argv=None) -> int:
         print(f"(--threads: {note})", file=sys.stderr)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    ckpt = local_path(ckpt, "paligemma", args.revision)  # a hub name: its snapshot in the hub cache
     npz = {"tokenizer": args.tokenizer, "variant": args.variant} if ckpt.endswith(".npz") else {}
     size = _bytes(ckpt)
     if size > 200e6 and not args.json:  # a 3B checkpoint takes seconds to map: say so before, not only after
@@ -146,8 +152,7 @@ def main(argv=None) -> int:
     for i, prompt, text, toks in zip(rows, prompts, texts, ids):
         path, pil = images[i], pils[i]
         shown = os.path.relpath(path) if os.path.isabs(path) and not os.path.relpath(path).startswith("..") else path
-        segs = segment(text, mask_decoder, *pil.size) if mask_decoder and prompt.startswith("segment") else []
-        dets = [] if segs else parse_detections(text, *pil.size)
+        dets, segs = read_answer(prompt, text, *pil.size, mask_decoder)
         out_path = None
         if dets or segs:
             out_path = args.out or ("segmented.png" if segs else "annotated.png")
@@ -161,12 +166,9 @@ def main(argv=None) -> int:
         if stream is not None:
             stream.finish(text)
         elif args.json:
-            rec = {"image": images if args.multi else path, "prompt": prompt, "text": text, "tokens": toks}
-            if dets:
-                rec["boxes"] = [d.to_dict() for d in dets]
-                rec["annotated"] = out_path
-            if segs:
-                rec["masks"] = [s.to_dict() for s in segs]  # box, bins, codes, COCO RLE of the full-image mask
+            rec = {"image": images if args.multi else path, "prompt": prompt, "text": text, "tokens": toks,
+                   **answer_fields(dets, segs)}  # boxes; masks: box, bins, codes, COCO RLE of the full-image mask
+            if dets or segs:
                 rec["annotated"] = out_path
             print(json.dumps(rec))
         else:

@@ -29,6 +29,7 @@ import nanopali
 from nanopali.train import finetune, flags, parallel, resume, run_dir
 from nanopali.formats.files import CheckpointError, printable, resolve_dtype
 from nanopali.formats.hf import read_quantization
+from nanopali.formats.hub import local_path
 from nanopali.formats.hf_config import from_hf_config, read_paligemma_config
 from nanopali.config import PRESETS, preset
 from nanopali.train.data import DataError, DataOrder, collate, load_examples
@@ -36,7 +37,7 @@ from nanopali.datasets import source_from_args
 from nanopali.train.cost import estimate_memory, peak_flops
 from nanopali.train.progress import Progress
 from nanopali.train.run_dir import RunError
-from nanopali.train.evaluate import evaluate_held_out
+from nanopali.train.evaluate import check_metric_references, evaluate_held_out
 from nanopali.train.lora import LoRAConfig, apply_lora, load_adapters, save_adapters
 from nanopali.model import PaliGemma
 from nanopali.processing import Processor
@@ -49,12 +50,13 @@ def parse_args(argv=None):
 
 
 def model_config(args):
-    """(config, tokenizer path) of --init: a checkpoint directory, a config.json or a preset name."""
-    if os.path.isdir(args.init):
-        if os.path.isfile(os.path.join(args.init, "config.json")) and (quant := read_quantization(args.init)):
+    """(config, tokenizer path) of --init: a checkpoint directory or hub name, a config.json or a preset name."""
+    init = local_path(args.init, "paligemma-config", args.revision)  # a hub name: no weights fetched yet
+    if os.path.isdir(init):
+        if os.path.isfile(os.path.join(init, "config.json")) and (quant := read_quantization(init)):
             raise SystemExit(f"--init {args.init} holds a model quantized as {quant['scheme']}: "
                              "fine-tune its full-precision checkpoint")
-        return read_paligemma_config(args.init), os.path.join(args.init, "tokenizer.model")
+        return read_paligemma_config(init), os.path.join(init, "tokenizer.model")
     if not (os.path.isfile(args.init) or args.init in PRESETS):
         raise SystemExit(f"--init {args.init!r} is neither a checkpoint directory, a config.json nor a preset "
                          f"({', '.join(PRESETS)})")
@@ -82,9 +84,9 @@ def build_model(args, cfg, resume_dir, device, materialize: bool) -> PaliGemma:
             model = PaliGemma(cfg)
     elif resume_dir is not None and args.trainable != "lora":
         model, _ = nanopali.load(resume_dir, torch.float32, device)
-    elif os.path.isdir(args.init):  # with --quantize-base quantized while reading: the float model is never held
+    elif os.path.isdir(init := local_path(args.init, "paligemma", args.revision)):  # the commit model_config read
         dtype = resolve_dtype(args.frozen_dtype) if args.quantize_base else torch.float32  # the scales' dtype
-        model, _ = nanopali.load(args.init, dtype, device, quantize=args.quantize_base,
+        model, _ = nanopali.load(init, dtype, device, quantize=args.quantize_base,  # quantized while reading
                                  group_size=args.quantize_group_size)
     else:
         model = finetune.init_random(PaliGemma(cfg), args.seed).to(device)
@@ -137,7 +139,11 @@ def memory_report(args) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.estimate_memory:
-        print(memory_report(args))
+        try:
+            print(memory_report(args))
+        except CheckpointError as e:   # a hub name not cached, a bad config.json: one line, as for a run
+            print(f"error: {printable(str(e))}", file=sys.stderr, flush=True)
+            return 2
         return 0
     rank, world, device = parallel.setup(args.device)
     main_thread = threading.current_thread() is threading.main_thread()
@@ -182,6 +188,8 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
         if ds is not None and ds.skipped:
             say(f"skipped {len(ds.skipped)} bad {name} example(s):\n  " + "\n  ".join(ds.skipped[:10]))
     examples, evals = data.examples, evals and evals.examples[:args.eval_max_examples]
+    if evals and args.eval_metric:
+        check_metric_references(args.eval_metric, evals)   # references the metric cannot score fail here
     check_memory(args, cfg, examples, device)
     t_load = time.perf_counter()
     say(f"loading the model ({args.init}) ...")  # a 3B checkpoint takes a while: say so first
@@ -237,7 +245,8 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
     def run_eval(step):
         result = evaluate_held_out(objective, model, processor, evals, batch_size=args.eval_batch_size,
                                    precision=args.precision, generate=args.eval_generate,
-                                   max_new_tokens=args.eval_max_new_tokens, sharded_params=fsdp, report=say)
+                                   max_new_tokens=args.eval_max_new_tokens, sharded_params=fsdp, report=say,
+                                   metric=args.eval_metric)
         say(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in result.items() if v is not None))
         progress.write({"step": step, **{f"eval_{k}": v for k, v in result.items()}})

@@ -92,14 +92,17 @@ def _compiled_step(device: torch.device):
 def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  max_len: int | None = None, stop_at_eos: bool = True, compile: bool = False,
-                 on_token: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+                 on_token: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> list[list[int]]:
     """New token ids per row, each ending at (and including) its first EOS if one came.
 
     stop_at_eos=False decodes exactly max_new_tokens for every row (benchmarks). compile=True runs the
     decode step through torch.compile (CUDA graphs with mode "reduce-overhead" on GPU); eager and
     compiled steps are the same function of tensors, the cache slot included; falls back to eager
     where compile fails. on_token(tokens) is called with each step's (B,) new ids as they are decoded
-    (rows already done get pad), so a caller can show the answer appearing (sample.py streams it)."""
+    (rows already done get pad), so a caller can show the answer appearing (sample.py streams it). It may
+    return a (B,) bool tensor of rows to finish now (a server's client left, or its row reached its own
+    length or stop string: docs/serving.md#batching): they get pad from the next step on, their returned
+    rows end in pads, and decoding stops once every row is done."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     cfg, dev = model.cfg, model.device
     B, T = batch["input_ids"].shape
@@ -122,13 +125,12 @@ def generate_ids(model: PaliGemma, batch: dict, max_new_tokens: int = 32, temper
     slot = torch.tensor(T, device=dev)                                              # the next token's slot
     steps = max_new_tokens
     for t in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_k, top_p, generator)
+        tok = sample_next(logits, temperature, top_k, top_p, generator).masked_fill(done, cfg.pad_token_id)
         if stop_at_eos:
-            tok = tok.masked_fill(done, cfg.pad_token_id)
             done |= tok == cfg.eos_token_id
         out[:, t] = tok
-        if on_token is not None:
-            on_token(tok)
+        if on_token is not None and (finish := on_token(tok)) is not None:
+            done |= finish.to(dev)
         if bool(done.all()) or t == max_new_tokens - 1:
             steps = t + 1
             break

@@ -7,6 +7,7 @@
     quantized.py  nanopali's quantized directory (a quantized model's save and load): its one home
     bigvision.py  Google's big_vision `.npz` checkpoints (stacked layers, einsum shapes)
     images.py     image files: the one strict image loader every processor opens images with, and RGB
+    hub.py        Hugging Face hub names → the snapshot directory in the hub cache (huggingface_hub, on use)
 
 Data flows file → Source (name, shape, reader) → rename → check → parameter. `load` below is the one
 entry point behind `nanopali.load`.
@@ -18,6 +19,7 @@ import os
 import torch
 
 from .files import CheckpointError
+from .hub import local_path
 from .hf import load_paligemma_model, refuse_unmerged_qlora, save_checkpoint
 
 __all__ = ["load", "save_checkpoint", "CheckpointError"]
@@ -25,9 +27,10 @@ __all__ = ["load", "save_checkpoint", "CheckpointError"]
 
 def load(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, variant=None,
          tokenizer: str | None = None, image_size: int | None = None, quantize: str | None = None,
-         group_size: int | None = None):
-    """(model, processor) from a Hugging Face PaliGemma / PaliGemma 2 checkpoint directory, or from a
-    big_vision `.npz` file, which needs `tokenizer=` and takes `variant=` (see `bigvision.load_npz`).
+         group_size: int | None = None, revision: str | None = None):
+    """(model, processor) from a Hugging Face PaliGemma / PaliGemma 2 checkpoint directory or hub name
+    (`google/paligemma2-3b-pt-224`, at `revision`: hub.py), or from a big_vision `.npz` file, which needs
+    `tokenizer=` and takes `variant=` (see `bigvision.load_npz`).
 
     dtype: float32, bfloat16, float16, or "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32).
     image_size: load into another resolution, resampling the position table (the native size never does).
@@ -36,6 +39,7 @@ def load(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto", *, va
     (nanopali/quant). A directory saved from a quantized model loads quantized as it was saved."""
     from ..processing import Processor
 
+    path = local_path(path, "paligemma", revision)
     if os.fspath(path).endswith(".npz"):
         from .bigvision import load_npz
         model, processor = load_npz(path, variant=variant, tokenizer=tokenizer, dtype=dtype, device=device,

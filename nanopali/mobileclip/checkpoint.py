@@ -24,6 +24,7 @@ import torch
 
 from ..formats.files import (CheckpointError, read_safetensors_header, resolve_device, resolve_dtype,
                              printable, weights_only_refusal)
+from ..formats.hub import local_path
 from ..formats.strict import SKIP, Source, load_strict, safetensors_sources
 from ..formats.images import MAX_IMAGE_PIXELS
 from .mci import MCI_PRESETS, MCiConfig
@@ -197,12 +198,14 @@ def load_mobileclip_model(path, preset: str | None = None, dtype=torch.float32, 
     return model.eval()
 
 
-def load_mobileclip(path, preset: str | None = None, dtype=torch.float32, device="cpu"):
-    """(model, processor) from a MobileCLIP / MobileCLIP2 checkpoint (see the module docstring). The
-    tokenizer's merges file is read from the directory (tokenizer.find_bpe_file)."""
+def load_mobileclip(path, preset: str | None = None, dtype=torch.float32, device="cpu", revision: str | None = None):
+    """(model, processor) from a MobileCLIP / MobileCLIP2 checkpoint (see the module docstring) or hub name
+    (`timm/MobileCLIP2-S0-OpenCLIP`, at `revision`: formats/hub.py). The tokenizer's merges file is read
+    from the directory (tokenizer.find_bpe_file)."""
     from .processing import MobileCLIPProcessor
     from .tokenizer import find_bpe_file
 
+    path = local_path(path, "mobileclip", revision)
     model = load_mobileclip_model(path, preset, dtype, device)
     folder = os.fspath(path) if os.path.isdir(path) else os.path.dirname(os.fspath(path))
     return model, MobileCLIPProcessor(find_bpe_file(folder), model.cfg,

@@ -26,6 +26,7 @@ from PIL import Image
 from ..config import PaliGemmaConfig, preset as paligemma_preset
 from ..formats import hf
 from ..formats.files import CheckpointError, resolve_device, resolve_dtype, weight_files
+from ..formats.hub import local_path
 from ..formats.strict import load_strict, safetensors_sources
 from ..model import PaliGemma
 from ..vit import SigLIPConfig
@@ -194,9 +195,11 @@ def load_siglip_processor(path, cfg: SigLIPModelConfig) -> SigLIPProcessor:
                            resample=ip.get("resample", Image.Resampling.BICUBIC))
 
 
-def load_siglip(path, dtype=torch.float32, device="cpu",
-                attn_impl: str = "auto") -> tuple[SigLIPModel, SigLIPProcessor]:
-    """(model, processor) from a Hugging Face SigLIP / SigLIP 2 checkpoint directory."""
+def load_siglip(path, dtype=torch.float32, device="cpu", attn_impl: str = "auto",
+                revision: str | None = None) -> tuple[SigLIPModel, SigLIPProcessor]:
+    """(model, processor) from a Hugging Face SigLIP / SigLIP 2 checkpoint directory or hub name
+    (`google/siglip2-base-patch16-224`, at `revision`: formats/hub.py)."""
+    path = local_path(path, "siglip", revision)
     model = load_siglip_model(path, dtype, device, attn_impl)
     return model, load_siglip_processor(path, model.cfg)
 
@@ -215,15 +218,17 @@ def paligemma_with_siglip(siglip_dir, base: PaliGemmaConfig | str = "pg2-3b-224"
                           language_model_from=None, seed: int = 0) -> PaliGemma:
     """A PaliGemma (fp32, CPU) whose image tower holds a SigLIP / SigLIP 2 checkpoint's image encoder
     (its pooling head, text tower and temperature are not used). The decoder is read from the PaliGemma
-    checkpoint directory `language_model_from` when given (its decoder config must be base's; its image
-    tower and projector are not read); the projector, and the decoder otherwise, start from
-    `finetune.init_random`. Save it with `nanopali.save_checkpoint` and fine-tune it with train.py."""
+    checkpoint `language_model_from` (a directory or hub name) when given (its decoder config must be
+    base's; its image tower and projector are not read); the projector, and the decoder otherwise, start
+    from `finetune.init_random`. Save it with `nanopali.save_checkpoint` and fine-tune it with train.py."""
     from ..train.finetune import init_random
 
+    siglip_dir = local_path(siglip_dir, "siglip")  # a hub name: its snapshot directory
     cfg = paligemma_config(read_siglip_config(siglip_dir), base)
     model = init_random(PaliGemma(cfg), seed)
     load_state(model, weight_files(os.fspath(siglip_dir)), torch.float32, "cpu", prefix="vision_tower.")
     if language_model_from is not None:
+        language_model_from = local_path(language_model_from)
         text = hf.read_paligemma_config(language_model_from).text
         if text != cfg.text:
             raise CheckpointError(f"{language_model_from}: its decoder is not base's: {text} vs {cfg.text}")

@@ -1,12 +1,14 @@
 """Held-out evaluation during fine-tuning: loss, and greedy generation scored by exact match, or by
-box IoU for detection prompts (the papers report transfer with task metrics of this kind).
+box IoU for detection prompts, and with --eval-metric by the paper's metric (nanopali/metrics).
 
 Loss is the same prefix-LM loss as training (finetune.loss_terms), summed over the whole held-out
 set and divided once. Generation uses nanopali.generate (greedy); exact match compares stripped
 strings. Detection (`detect ...` prompts, docs/boxes-and-masks.md#detection) is scored per target box:
 the best IoU among predicted boxes with the same label, 0 if none; averaged over target boxes. Boxes
 are parsed by detection.parse_detections (invalid ones dropped, as big_vision's evaluator does) and
-compared in <loc> bins: IoU does not depend on the scale.
+compared in <loc> bins: IoU does not depend on the scale. A paper metric (CIDEr, BLEU, VQA accuracy,
+ANLS, RefCOCO, mAP: docs/metrics.md) scores each example's record, its prediction and references
+(the example's own, else its suffix), built by `task_record`, which evaluate.py shares.
 """
 from __future__ import annotations
 
@@ -16,9 +18,17 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .data import Example, collate
+from ..datasets import DataError
+from ..metrics import ScoreError, check_records, score
+from ..metrics.score import boxes_from_text
+from ..processing import load_image
 from ..tasks.detection import parse_detections
+from .data import Example, collate
 from .finetune import autocast, evaluate_loss
+
+# train.py --eval-metric → (the task it scores, the metrics reported; None: all of the task's)
+EVAL_METRICS = {"cider": ("caption", ("cider",)), "bleu": ("caption", ("bleu1", "bleu2", "bleu3", "bleu4")),
+                "vqa": ("vqa", None), "anls": ("anls", None), "refcoco": ("refcoco", None), "map": ("detect", None)}
 
 
 def box_iou(a, b) -> float:
@@ -45,6 +55,40 @@ def generation_metrics(predictions: list[str], examples: list[Example]) -> dict:
     return {"exact_match": exact, "box_iou": sum(ious) / len(ious) if ious else None}
 
 
+def task_record(task: str, example: Example, prediction: str = "", divisor: int = 1024) -> dict:
+    """The record metrics.score checks and scores for one example: prefix, prediction, references
+    (the example's "references", else its suffix: [suffix] for texts, its <loc> boxes in pixels for
+    refcoco / detect), and for box tasks the image's width and height, which place the <loc> tokens."""
+    out, refs = {"prefix": example.prefix, "prediction": prediction}, example.references
+    if task in ("refcoco", "detect"):
+        out["width"], out["height"] = load_image(example.images[0]).size
+        if refs is None:
+            boxes = boxes_from_text(example.suffix, out["width"], out["height"], divisor)
+            refs = [{"label": label, "box": list(box)} for label, box in boxes] if task == "detect" else \
+                (list(boxes[0][1]) if boxes else example.suffix)
+    elif refs is None:
+        refs = [example.suffix]
+    out["references"] = refs
+    return out
+
+
+def check_metric_references(metric: str, examples: list[Example], divisor: int = 1024) -> None:
+    """Refuse, before any model is built, held-out examples the metric cannot score (a DataError naming each)."""
+    task = EVAL_METRICS[metric][0]
+    try:
+        check_records(task, [(ex.where, task_record(task, ex, "", divisor)) for ex in examples], divisor)
+    except ScoreError as e:
+        raise DataError(f"--eval-metric {metric}: {e}") from None
+
+
+def metric_scores(metric: str, predictions: list[str], examples: list[Example], divisor: int = 1024) -> dict:
+    """The --eval-metric numbers of greedy predictions, e.g. {"cider": 1.21}."""
+    task, names = EVAL_METRICS[metric]
+    records = [(ex.where, task_record(task, ex, p, divisor)) for p, ex in zip(predictions, examples)]
+    result = score(task, check_records(task, records, divisor))
+    return {k: v for k, v in result.items() if names is None or k in names}
+
+
 def _shard(n: int, batch: int, world: int, rank: int) -> list[tuple[list[int], float]]:
     """This rank's eval batches: batch j of rank r holds rows (j·W + r)·B ...; every rank runs the same
     number of batches (FSDP needs all ranks in every forward), padding with row 0 at weight 0."""
@@ -59,8 +103,9 @@ def _shard(n: int, batch: int, world: int, rank: int) -> list[tuple[list[int], f
 
 def evaluate_held_out(objective, model, processor, examples: list[Example], *, batch_size: int, precision: str,
                       generate: bool = True, max_new_tokens: int = 32, sharded_params: bool = False,
-                      report: Callable[[str], None] | None = None) -> dict:
-    """{"loss", and with generate: "exact_match", "box_iou"} over `examples`, all ranks together.
+                      report: Callable[[str], None] | None = None, metric: str | None = None) -> dict:
+    """{"loss", and with generate: "exact_match", "box_iou" and the `metric`'s numbers (EVAL_METRICS)}
+    over `examples`, all ranks together.
 
     Generation runs on rank 0 with the unwrapped model; it is skipped when the parameters are
     sharded (FSDP) or nanopali.generate is not available, and the result says why. report(line), if
@@ -74,7 +119,7 @@ def evaluate_held_out(objective, model, processor, examples: list[Example], *, b
     if generate:
         with autocast(precision, next(model.parameters()).device):  # frozen weights may be held in bf16
             out.update(_generate_metrics(model, processor, examples, batch_size, max_new_tokens, sharded_params,
-                                         rank, report))
+                                         rank, report, metric))
     if world > 1:
         dist.barrier()
     objective.train(was_training)
@@ -82,7 +127,7 @@ def evaluate_held_out(objective, model, processor, examples: list[Example], *, b
 
 
 def _generate_metrics(model, processor, examples, batch_size, max_new_tokens, sharded_params, rank,
-                      report=None) -> dict:
+                      report=None, metric=None) -> dict:
     if sharded_params:
         return {"generation": "skipped: parameters are sharded (FSDP)"}
     try:
@@ -101,4 +146,5 @@ def _generate_metrics(model, processor, examples, batch_size, max_new_tokens, sh
             if report is not None and time.perf_counter() - last > 10 and len(preds) < len(examples):
                 last = time.perf_counter()
                 report(f"eval: generated {len(preds)}/{len(examples)} answers ({last - t0:.0f} s)")
-    return generation_metrics(preds, examples)
+    out = generation_metrics(preds, examples)
+    return out | metric_scores(metric, preds, examples) if metric else out

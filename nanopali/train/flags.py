@@ -19,6 +19,7 @@ from ..datasets import add_arguments as add_dataset_arguments
 from ..config import PRESETS
 from ..quant.weight_only import INT4_GROUP_SIZES
 from . import finetune
+from .evaluate import EVAL_METRICS
 from .lora import TARGETS
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -35,8 +36,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=_Help)
     p.add_argument("recipes", nargs="*", help="recipe files (.py of `name = value` lines, or .json) read before flags")
     g = p.add_argument_group("model and data")
-    g.add_argument("--init", help="HF checkpoint directory to fine-tune; or, for random weights (training from "
-                   f"scratch), a config.json or a preset name ({', '.join(list(PRESETS)[:2])}, ...)")
+    g.add_argument("--init", help="HF checkpoint directory or hub name (google/paligemma2-3b-pt-224) to fine-tune; "
+                   "or, for random weights (training from scratch), a config.json or a preset name "
+                   f"({', '.join(list(PRESETS)[:2])}, ...)")
+    g.add_argument("--revision", help="branch, tag or commit of a hub --init (default main)")
     g.add_argument("--tokenizer", help="tokenizer.model for a random --init (a checkpoint brings its own; "
                    "--estimate-memory needs none)")
     g.add_argument("--data", help="training data: JSONL of {\"image\", \"prefix\", \"suffix\"} objects (image paths "
@@ -102,6 +105,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--eval-generate", action=argparse.BooleanOptionalAction, default=True,
                    help="also greedy-decode and score exact match / box IoU")
     g.add_argument("--eval-max-new-tokens", type=int, default=32, help="generation length at evaluation")
+    g.add_argument("--eval-metric", choices=list(EVAL_METRICS), help="also score the "
+                   "greedy answers with the paper's metric, as evaluate.py does (references: each example's "
+                   "\"references\", else its suffix; docs/metrics.md)")
     g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     g.add_argument("--keep", type=int, default=3, help="step checkpoints to keep")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
@@ -141,6 +147,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     if args.quantize_group_size is not None and args.quantize_group_size not in INT4_GROUP_SIZES:
         parser.error(f"--quantize-group-size must be one of {', '.join(map(str, INT4_GROUP_SIZES))} (the tile sizes "
                      f"of torch's int4 kernels), got {args.quantize_group_size}")
+    if args.eval_metric and not args.eval_generate:
+        parser.error(f"--eval-metric {args.eval_metric} scores generated answers: it cannot go with --no-eval-generate")
     if not 0 <= args.seed < 2 ** 63:
         parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
     for name in ("batch_size", "grad_accum", "max_steps", "max_seq_len", "log_every", "eval_batch_size"):

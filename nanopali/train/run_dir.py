@@ -34,7 +34,7 @@ LOCK, RUN_JSON = ".lock", "run.json"
 LEFTOVER = re.compile(r".*\.(tmp|old)\d+$")
 # Flags whose change would make the continued run a different run: the data order (a step's examples
 # are a function of seed, data, batch and accumulation), the parameters and their optimizer state.
-FIXED = ("init", "tokenizer", "data", "seed", "batch_size", "grad_accum", "max_seq_len", "skip_bad", "trainable",
+FIXED = ("init", "revision", "tokenizer", "data", "seed", "batch_size", "grad_accum", "max_seq_len", "skip_bad", "trainable",
          "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "trainable_dtype", "frozen_dtype", "precision",
          "loss_normalization", "parallel", "quantize_base", "quantize_group_size",
          # how --data is read (format, split, columns, prompt...): they decide what the examples are
