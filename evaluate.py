@@ -110,7 +110,7 @@ def evaluate(args) -> int:
     device, dtype = settings(args)
     processor = processor_without_weights(args.checkpoint)
     model = None
-    if processor is None:        # a hub name or a .npz: its processor comes with the model
+    if processor is None:        # a .npz: its processor comes with the model
         model, processor = load_model(args, device, dtype)
     examples = read_examples(args, processor)
     records = [task_record(args.task, ex, "", args.loc_divisor) for ex in examples]
@@ -149,10 +149,13 @@ def check_out_dir(path: str) -> str:
 
 
 def processor_without_weights(checkpoint: str):
-    """The Processor of a local checkpoint directory, read before the weights (None for anything else)."""
+    """The Processor of a checkpoint directory or hub name, read before the weights (None for a .npz):
+    bad data is refused before gigabytes are read or downloaded."""
     from nanopali.formats.hf_config import read_paligemma_config
+    from nanopali.formats.hub import local_path
     from nanopali.processing import Processor
 
+    checkpoint = local_path(checkpoint, "paligemma-config")   # a hub name: its config and tokenizer only
     tok = os.path.join(checkpoint, "tokenizer.model")
     if not (os.path.isfile(os.path.join(checkpoint, "config.json")) and os.path.isfile(tok)):
         return None
