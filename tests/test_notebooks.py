@@ -121,6 +121,14 @@ BREAKS = {
 }
 
 
+def test_caption_scores_may_move_by_a_few_answers_and_no_more():
+    pytest.importorskip("nbformat")
+    line = "  captions     CIDEr {}   BLEU-4 {}\n"
+    committed = _notebook(after=line.format("305.5", "88.3"))
+    assert notebook_outputs.difference(committed, _notebook(after=line.format("290.1", "86.0"))) == ""
+    assert "CIDEr 305.5 became 250.0" in notebook_outputs.difference(committed, _notebook(after=line.format("250.0", "88.3")))
+
+
 @pytest.mark.parametrize("case", OTHER_CPUS)
 def test_what_another_cpu_prints_passes_as_the_same_story(case):
     pytest.importorskip("nbformat")
