@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import nanopali
+from nanopali import shapes
 from nanopali.train import finetune, resume
 from nanopali.generate import generate
 from test_finetune_data import ROOT, records, write_dataset
@@ -177,3 +178,27 @@ def test_training_from_scratch_starts_at_the_uniform_loss_and_learns(setup, tmp_
     first, last = losses(tmp_path / "run")[1], losses(tmp_path / "run")[8]
     vocab = nanopali.load(tmp_path / "run")[0].cfg.text.vocab_size
     assert abs(first - math.log(vocab)) < 0.05 and last < first - 1.0
+
+
+def test_a_lora_run_reads_the_base_straight_into_the_frozen_dtype_with_the_same_weights(monkeypatch):
+    """The base is never held in fp32 first (the 3B's load peak and time), and reading into bf16 rounds each
+    weight as casting the fp32 copy did: the frozen weights are the same bits."""
+    dtypes, BUNDLED = [], str(shapes.BUNDLED_MODEL)
+    real_load = nanopali.load
+
+    def spy(path, dtype=torch.float32, *a, **k):
+        dtypes.append(dtype)
+        return real_load(path, dtype, *a, **k)
+
+    monkeypatch.setattr(nanopali, "load", spy)
+    flags = ["--init", BUNDLED, "--data", "x.jsonl", "--trainable", "lora", "--frozen-dtype", "bf16",
+             "--precision", "bf16"]
+    args = train.parse_args(flags)
+    cfg, _ = train.model_config(args)
+    model = train.build_model(args, cfg, None, torch.device("cpu"), materialize=True)
+    assert dtypes == [torch.bfloat16]
+    cast, _ = real_load(BUNDLED, torch.float32)
+    cast = {k: v.to(torch.bfloat16) for k, v in cast.state_dict().items()}
+    frozen = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}  # LoRA wraps
+    assert frozen.keys() <= cast.keys() and all(torch.equal(frozen[k], cast[k]) for k in frozen)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
