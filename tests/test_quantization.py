@@ -103,6 +103,48 @@ def test_decode_and_prefill_paths_agree_with_bias(scheme, monkeypatch):
     assert dense.shape == linear(x).shape
 
 
+@pytest.mark.skipif(not cpu_int4.layout_known(), reason="this torch build's CPU int4 layout is not the known one")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_unpacks_the_cpu_packed_int4_weight_bit_for_bit_chunk_by_chunk(dtype, monkeypatch):
+    """The dense path's fast unpacking (shift, mask, wrap, scale in place) gives exactly the reference
+    dequantization (table lookup, then (q - 8)·s + z) for every chunk, into one reused buffer."""
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 192, bias=False), "int4", 64).to(dtype)
+    layer.prepare(dtype)
+    assert layer.cpu_int4 is not None and layer.qweight is None
+    monkeypatch.setattr(modules, "DENSE_CHUNK", 256 * 64)                # one block of 64 rows a chunk
+    chunks, buffers = list(layer._chunks()), set()
+    assert chunks == [(0, 64), (64, 128), (128, 192)]
+    for n0, n1 in chunks:
+        w, scale = layer._weight_chunk(n0, n1, dtype)
+        assert scale is None and torch.equal(w, layer.dequantize(slice(n0, n1), dtype)), (n0, n1)
+        buffers.add(w.data_ptr())
+    assert len(buffers) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_prefill_leaves_the_row_scale_to_the_output_exactly_where_the_dtype_holds_q(dtype):
+    """bf16 / fp32 hold every q in [-127, 127] exactly, so the chunk is q itself and the scale goes on the
+    (M, N) output; the product still equals the dequantized weight's within rounding."""
+    layer = QuantizedLinear.from_linear(nn.Linear(128, 48, bias=False), "int8").to(dtype)
+    w, scale = layer._weight_chunk(0, 48, dtype)
+    assert torch.equal(w, layer.qweight.to(dtype)) and torch.equal(scale, layer.scale)
+    x = torch.randn(40, 128).to(dtype)
+    assert_rounding_close(layer._dense(x), reference(layer, x), dtype, 128, "dense vs float64")
+
+
+def test_int8_prefill_in_float16_scales_the_weight_first_so_the_product_cannot_overflow():
+    """x · qᵀ would pass float16's 65504 here (q up to 127 over 256 inputs of size ~100): fp16 dequantizes
+    the weight first, as the reference does, and stays finite and close."""
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 32, bias=False), "int8").to(torch.float16)
+    x = (torch.randn(30, 256) * 100).to(torch.float16)
+    assert (x.float() @ layer.qweight.float().t()).abs().max() > 65504           # what folding would compute
+    w, scale = layer._weight_chunk(0, 32, torch.float16)
+    assert scale is None
+    y = layer._dense(x)
+    assert torch.isfinite(y).all()
+    assert_rounding_close(y, reference(layer, x), torch.float16, 256, "fp16 dense vs float64")
+
+
 def test_int4_rows_the_cpu_packer_cannot_tile_take_the_dense_path_without_disabling_the_kernel():
     odd = QuantizedLinear.from_linear(nn.Linear(64, 24, bias=False), "int4", 32)     # 24 % 16 ≠ 0
     even = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=False), "int4", 32)
@@ -353,7 +395,9 @@ def test_real_width_layers_and_logits_stay_within_what_each_scheme_promises(hf_c
 
 
 @pytest.mark.skipif(not cpu_int4.layout_known(), reason="this torch build's CPU int4 layout is not the known one")
-def test_packing_for_the_cpu_kernel_a_slice_of_rows_at_a_time_equals_packing_at_once():
+def test_packing_for_the_cpu_kernel_a_slice_of_rows_at_a_time_equals_torchs_packer_at_once():
+    """cpu_int4 writes the kernel's layout itself with byte operations (5x faster than torch's packer,
+    which wants an int32 per weight); the bytes must be torch's, bit for bit."""
     nibbles, _, _ = quantize_int4(torch.randn(64 * 40, 256), 64)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight_only.unpack_nibbles(nibbles).to(torch.int32), 2)
     with pytest.MonkeyPatch.context() as m:

@@ -239,7 +239,8 @@ def use_measured_kernel_rows(model: nn.Module) -> dict[str, int]:
                     key=lambda m: m.in_features * m.out_features)
         if probe is None:
             continue
-        label = f"kernel rows {scheme} {probe.out_features}x{probe.in_features} " \
+        # "dense v2": the dense path unpacks in place since 2026-12 (quant/modules.py); older figures measured the slower one
+        label = f"kernel rows dense v2 {scheme} {probe.out_features}x{probe.in_features} " \
                 f"{str(probe.dtype).removeprefix('torch.')}" + (f" g{probe.group_size}" if scheme == "int4" else "")
         rows = _recalled(label)
         if not isinstance(rows, int):
