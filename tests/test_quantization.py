@@ -121,6 +121,16 @@ def test_prefill_unpacks_the_cpu_packed_int4_weight_bit_for_bit_chunk_by_chunk(d
     assert len(buffers) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_prefill_unpacks_portable_int4_nibbles_bit_for_bit(dtype):
+    """A layer the CPU layout cannot hold alone (144 rows: not whole blocks of 64, as SigLIP So400m's 4304-row
+    MLP) keeps its portable nibbles; their fast unpacking equals the table lookup's dequantization."""
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 144, bias=False), "int4", 64).to(dtype)
+    assert layer.cpu_int4 is None
+    w, scale = layer._weight_chunk(0, 144, dtype)
+    assert scale is None and torch.equal(w, layer.dequantize(dtype=dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_prefill_leaves_the_row_scale_to_the_output_exactly_where_the_dtype_holds_q(dtype):
     """bf16 / fp32 hold every q in [-127, 127] exactly, so the chunk is q itself and the scale goes on the

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cpu_int4 import BLOCK, CpuInt4, pack
-from .weight_only import dequantize_int4, dequantize_int8, quantize_weight, scale_groups
+from .weight_only import dequantize_int4, dequantize_int4_into, dequantize_int8, quantize_weight, scale_groups
 
 # Letters: N output features (rows of W), K input features, G int4 group size, M activation rows;
 # for the embedding E (V, D): V vocab = N, D width = K.
@@ -190,7 +190,8 @@ class QuantizedWeight(nn.Module):
             return torch.mul(self.qweight[n0:n1], self.scale[n0:n1, None].to(dtype), out=w), None
         if self.cpu_int4 is not None:
             return self.cpu_int4.dequantize_into(n0, n1, self.scale, self.zero, w, _scratch_on(w.device)), None
-        return w.copy_(self.dequantize(slice(n0, n1), dtype)), None
+        return dequantize_int4_into(self.qweight[n0:n1], self.scale[n0:n1], self.zero[n0:n1], w,
+                                    _scratch_on(w.device)), None
 
     def _dense_t(self, g: torch.Tensor) -> torch.Tensor:
         """g (M, N) → g · W (M, K): the input gradient of x · Wᵀ, a chunk of W at a time. The chunks split
