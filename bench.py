@@ -236,7 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
                "  gpu              everything a lent GPU should measure, one JSON + one Markdown table, <= 8 min;\n"
                "                   --dry-run runs it on CPU at tiny sizes (benchmarks/gpu.py)\n"
                "  compile-report   the fused kernels compiled for sm_80 / sm_89 / sm_90 without a GPU: registers,\n"
-               "                   spills, shared memory (benchmarks/compile_report.py)\n\n"
+               "                   spills, shared memory (benchmarks/compile_report.py)\n"
+               "  train            a LoRA step beside transformers + peft: s/step, peak memory, the same losses\n"
+               "                   (benchmarks/train.py)\n"
+               "  encoders         MobileCLIP2 S0 / S2 / B and SigLIP So400m towers beside open_clip + timm and\n"
+               "                   transformers, same weights, ms per call (benchmarks/encoders.py)\n"
+               "  cold-start       command to first token in fresh processes: transformers vs sample.py bf16,\n"
+               "                   int4 / int8 quantized while loading and saved (benchmarks/cold_start.py)\n\n"
                "ratio rows give nanopali's speed relative to the peer (time to first token and decode alike):\n"
                "'1.25x faster' or '1.12x slower'.")
     ap.add_argument("--generation", type=int, nargs="+", default=None, choices=[1, 2],
@@ -335,7 +341,8 @@ def main():
 
 
 SUBCOMMANDS = {  # name → module with main(); imported on use, so `bench.py --help` stays fast
-    "attention": "benchmarks.attention", "gpu": "benchmarks.gpu", "compile-report": "benchmarks.compile_report"}
+    "attention": "benchmarks.attention", "gpu": "benchmarks.gpu", "compile-report": "benchmarks.compile_report",
+    "train": "benchmarks.train", "encoders": "benchmarks.encoders", "cold-start": "benchmarks.cold_start"}
 
 
 if __name__ == "__main__":

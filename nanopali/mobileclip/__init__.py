@@ -8,6 +8,7 @@
     tokenizer.py   CLIP's byte-level BPE, written out
     processing.py  images and texts → tensors (siglip's zero_shot / embed_* take them as they are)
     checkpoint.py  open_clip directories and Apple's .pt files, strictly, train-time or fused
+    cpu_inference.py  CPU inference swaps the loader applies: MCi in channels-last, oneDNN products
     distill.py     the multi-modal reinforced training loss (contrastive + distillation)
     shapes.py      a small student distilled from stored teacher embeddings on the shapes task
 

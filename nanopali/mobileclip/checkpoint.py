@@ -27,6 +27,7 @@ from ..formats.files import (CheckpointError, read_safetensors_header, resolve_d
 from ..formats.hub import local_path
 from ..formats.strict import SKIP, Source, load_strict, safetensors_sources
 from ..formats.images import MAX_IMAGE_PIXELS
+from .cpu_inference import use_cpu_inference
 from .mci import MCI_PRESETS, MCiConfig
 from .model import OPENAI_MEAN, OPENAI_STD, MobileCLIP, MobileCLIPConfig, PreprocessConfig, mobileclip_preset
 from .text import TextConfig
@@ -195,7 +196,7 @@ def load_mobileclip_model(path, preset: str | None = None, dtype=torch.float32, 
     layout = "fused" if getattr(cfg.image, "fused", False) else "train-time"
     load_strict(model, sources, nanopali_name, dtype=dtype, device=device,
                 where=f"{file} is not a MobileCLIP checkpoint of this configuration ({wanted}, {layout} layout)")
-    return model.eval()
+    return use_cpu_inference(model.eval())   # channels-last MCi, oneDNN products: cpu_inference.py
 
 
 def load_mobileclip(path, preset: str | None = None, dtype=torch.float32, device="cpu", revision: str | None = None):

@@ -9,6 +9,8 @@ models have besides it, and their checkpoints:
     naflex.py      SigLIP 2 NaFlex: any aspect ratio, per-image position tables
     processing.py  text and image inputs; zero-shot classification and retrieval embeddings
     checkpoint.py  Hugging Face directories, strictly; a SigLIP 2 tower put into a PaliGemma
+    onednn.py      CPU inference of both towers' Linears and MLPs through oneDNN, bias and GELU fused:
+                   module swaps the loaders apply (MobileCLIP's too)
 
 Data flows image → vit encoder → MAP head ┐ and text → text tower ┘ → normalised embeddings → logits.
 """

@@ -31,6 +31,7 @@ from ..formats.strict import load_strict, safetensors_sources
 from ..model import PaliGemma
 from ..vit import SigLIPConfig
 from .model import SigLIPModel, SigLIPModelConfig, TextConfig, siglip_preset
+from .onednn import use_onednn
 from .processing import SigLIPProcessor
 
 _LAYER = r"(vision|text)_model\.encoder\.layers\.(\d+)\."
@@ -150,7 +151,7 @@ def load_siglip_model(path, dtype=torch.float32, device="cpu", attn_impl: str = 
     load_state(model, weight_files(os.fspath(path)), dtype, device)
     model.eval()
     model.attn_impl = attn_impl
-    return model
+    return use_onednn(model)   # CPU inference through oneDNN (onednn.py)
 
 
 def _piece(value, default: str) -> str:
