@@ -121,6 +121,22 @@ def test_prefill_unpacks_the_cpu_packed_int4_weight_bit_for_bit_chunk_by_chunk(d
     assert len(buffers) == 1
 
 
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad"])
+def test_the_reused_prefill_buffer_serves_inference_mode_and_no_grad_alike(first, monkeypatch):
+    """The dense path's buffer outlives the call that made it: one made under inference_mode (generate)
+    must still be writable under no_grad (the crossover measured at load), and the other way round."""
+    monkeypatch.setattr(modules, "_SCRATCH", __import__("threading").local())     # a fresh buffer
+    layer = QuantizedLinear.from_linear(nn.Linear(128, 64, bias=False), "int4", 32)
+    x = torch.randn(40, 128)
+    contexts = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+    order = [first, "no_grad" if first == "inference_mode" else "inference_mode"]
+    ys = []
+    for name in order:
+        with contexts[name]():
+            ys.append(layer._dense(x).clone())
+    torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_prefill_unpacks_portable_int4_nibbles_bit_for_bit(dtype):
     """A layer the CPU layout cannot hold alone (144 rows: not whole blocks of 64, as SigLIP So400m's 4304-row

@@ -56,7 +56,8 @@ def _scratch(name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
     bufs = _SCRATCH.__dict__.setdefault("bufs", {})
     key, numel = (name, dtype, torch.device(device)), math.prod(shape)
     if key not in bufs or bufs[key].numel() < numel:
-        bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):   # a normal tensor: writable inside and outside inference mode
+            bufs[key] = torch.empty(numel, dtype=dtype, device=device)
     return bufs[key][:numel].view(shape)
 
 
