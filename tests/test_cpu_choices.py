@@ -28,7 +28,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def _fake_timings(seconds_by_form):
-    """A stand-in for products._best_seconds: the given seconds per form, and a count of calls."""
+    """A stand-in for products.best_seconds: the given seconds per form, and a count of calls."""
     calls = []
 
     def best(fns, rounds=products.ROUNDS):
@@ -98,7 +98,7 @@ def _bundled(dtype=torch.float32):
 def test_the_form_measured_fastest_is_swapped_in_and_remembered_for_the_next_process(cache_dir, monkeypatch):
     monkeypatch.setattr(products, "MIN_BYTES", 0)            # the bundled model's weights are tiny
     best, calls = _fake_timings({"mv": 3.0, "linear": 2.0, "matmul": 1.0})
-    monkeypatch.setattr(products, "_best_seconds", best)
+    monkeypatch.setattr(products, "best_seconds", best)
     model, _ = _bundled()
     layer = model.language_model.layers[0]
     assert type(layer.mlp.gate) is products.RowLinear and layer.mlp.gate.form == "matmul"
@@ -115,7 +115,7 @@ def test_the_form_measured_fastest_is_swapped_in_and_remembered_for_the_next_pro
 def test_f_linear_stays_unless_another_form_is_faster_by_more_than_the_noise(cache_dir, monkeypatch):
     monkeypatch.setattr(products, "MIN_BYTES", 0)
     best, _ = _fake_timings({"mv": 0.99, "linear": 1.0, "matmul": 1.0})
-    monkeypatch.setattr(products, "_best_seconds", best)
+    monkeypatch.setattr(products, "best_seconds", best)
     model, _ = _bundled()
     assert type(model.language_model.layers[0].mlp.gate) is nn.Linear
     assert type(model.language_model.embed).__name__ == "TiedEmbedding"
@@ -123,7 +123,7 @@ def test_f_linear_stays_unless_another_form_is_faster_by_more_than_the_noise(cac
 
 def test_small_weights_are_not_measured(cache_dir, monkeypatch):
     best, calls = _fake_timings({"mv": 0.0, "linear": 1.0, "matmul": 1.0})
-    monkeypatch.setattr(products, "_best_seconds", best)
+    monkeypatch.setattr(products, "best_seconds", best)
     model, _ = _bundled()
     assert calls == [] and not (cache_dir / "products.json").exists()
     assert type(model.language_model.layers[0].mlp.gate) is nn.Linear
@@ -183,7 +183,7 @@ def test_a_quantized_model_takes_the_kernel_up_to_the_rows_where_it_was_measured
             return real_fast(layer, rows)
         finally:
             del layer._fast
-    monkeypatch.setattr(products, "_best_seconds", best)
+    monkeypatch.setattr(products, "best_seconds", best)
     monkeypatch.setattr(products, "kernel_row_limit", spy)
     model, _ = nanopali.load(shapes.BUNDLED_MODEL, quantize="int8")
     gate = model.language_model.layers[0].mlp.gate
@@ -210,7 +210,7 @@ def test_the_crossover_bisection_finds_the_last_winning_row_count(monkeypatch):
             return x
 
     layer = None
-    monkeypatch.setattr(products, "_best_seconds", lambda fns, rounds=2: {
+    monkeypatch.setattr(products, "best_seconds", lambda fns, rounds=2: {
         "kernel": 1.0 if layer.rows <= layer.crossover else 2.0, "dense": 1.5})
     limits = {}
     for crossover in (0, 1, 20, 100, 256, 10_000):

@@ -123,7 +123,7 @@ def _recalled(key: str):
 
 # ---- timing ----
 
-def _best_seconds(fns: dict, rounds: int = ROUNDS) -> dict:
+def best_seconds(fns: dict, rounds: int = ROUNDS) -> dict:
     """The fastest of `rounds` timings of each fn, the fns alternating within a round so that a change
     of clock or load touches them alike; one untimed call of each first (allocations, packing)."""
     for fn in fns.values():
@@ -148,7 +148,7 @@ def fastest_form(weights: list[torch.Tensor]) -> tuple[str, dict]:
         return lambda: [FORMS[form](x, w) for w in take]
 
     with torch.no_grad():
-        seconds = _best_seconds({form: sweep(form) for form in FORMS})
+        seconds = best_seconds({form: sweep(form) for form in FORMS})
     best = min(seconds, key=seconds.get)
     if seconds[best] > seconds["linear"] * (1 - NOISE):
         best = "linear"
@@ -209,7 +209,7 @@ def kernel_row_limit(layer, rows=ROW_CANDIDATES) -> int:
         x = torch.randn(m, layer.in_features, generator=g).to(dtype)
         if layer._fast(x) is None:        # no kernel in this build: the dense path always
             return False
-        s = _best_seconds({"kernel": lambda: layer._fast(x), "dense": lambda: layer._dense(x)}, rounds=2)
+        s = best_seconds({"kernel": lambda: layer._fast(x), "dense": lambda: layer._dense(x)}, rounds=2)
         return s["kernel"] <= s["dense"]
 
     lo, hi = -1, len(rows)            # rows[lo] known to win (-1: none yet), rows[hi] known to lose

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from .weight_only import byte_lookup, byte_table, pack_nibbles, unpack_nibbles
+from .weight_only import byte_lookup, byte_table, pack_nibbles, scale_nibbles_into, unpack_nibbles
 
 # Letters: N output features (rows of W), K input features.
 
@@ -121,12 +121,7 @@ class CpuInt4:
         q = scratch("nibbles", (nb, 2, BLOCK // 2, K), torch.uint8)              # (nb, 2, 32, K): rows in order
         torch.bitwise_and(b, 15, out=q[:, 0])
         torch.bitwise_right_shift(b, 4, out=q[:, 1])
-        q.add_(248)                                                              # q - 8, as int8 bits
-        out.copy_(q.view(n, K).view(torch.int8))
-        groups = s.shape[1]
-        w = out.view(n, groups, K // groups)                                     # (n, K/G, G)
-        w.mul_(s[n0:n1, :, None].to(out.dtype)).add_(z[n0:n1, :, None].to(out.dtype))
-        return out
+        return scale_nibbles_into(q.view(n, K), s[n0:n1], z[n0:n1], out)
 
     def nibbles(self) -> torch.Tensor:
         """The portable nibbles (N, K/2) it was packed from, bit for bit: what a checkpoint stores. Rows are

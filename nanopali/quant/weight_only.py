@@ -80,9 +80,15 @@ def dequantize_int4_into(nibbles: torch.Tensor, s: torch.Tensor, z: torch.Tensor
     q = scratch("nibbles", (N, nibbles.shape[1], 2), torch.uint8)               # (N, K/2, 2): even, odd column
     torch.bitwise_right_shift(nibbles, 4, out=q[..., 0])
     torch.bitwise_and(nibbles, 15, out=q[..., 1])
+    return scale_nibbles_into(q.view(N, -1), s, z, out)
+
+
+def scale_nibbles_into(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Nibbles q in [0, 15] (N, K) uint8, in row order (overwritten) → (q - 8)·s + z written into `out`
+    (N, K), s and z (N, K/G): q + 248 mod 256 is q - 8 as an int8, then convert, scale, shift in place."""
     q.add_(248)
-    out.copy_(q.view(N, -1).view(torch.int8))
-    out.view(N, groups, -1).mul_(s[..., None].to(out.dtype)).add_(z[..., None].to(out.dtype))
+    out.copy_(q.view(torch.int8))
+    out.view(s.shape[0], s.shape[1], -1).mul_(s[..., None].to(out.dtype)).add_(z[..., None].to(out.dtype))
     return out
 
 

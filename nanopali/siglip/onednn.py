@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cpu import machine
+from ..cpu.products import best_seconds
 from ..vit import MLP
 
 log = logging.getLogger("nanopali")
@@ -45,19 +45,6 @@ def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu
 def plain_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: str | None = None):
     y = F.linear(x, w, b)
     return F.gelu(y, approximate=gelu) if gelu else y
-
-
-def _best_seconds(fns: dict) -> dict:
-    """The fastest of ROUNDS timings of each fn, alternating within a round; one untimed call of each first."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(ROUNDS):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,8 +68,8 @@ def onednn_is_faster(dtype: torch.dtype, threads: int) -> bool:
     b = torch.zeros(4096, dtype=dtype)
     try:
         with torch.no_grad():
-            s = _best_seconds({"F.linear + F.gelu": lambda: plain_linear(x, w, b, "none"),
-                               "oneDNN": lambda: onednn_linear(x, w, b, "none")})
+            s = best_seconds({"F.linear + F.gelu": lambda: plain_linear(x, w, b, "none"),
+                              "oneDNN": lambda: onednn_linear(x, w, b, "none")}, rounds=ROUNDS)
     except RuntimeError as e:   # no oneDNN kernel for this dtype on this CPU
         log.info("nanopali: encoder products in %s: F.linear (oneDNN has none: %s)", name, str(e).splitlines()[0])
         return False
